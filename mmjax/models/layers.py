@@ -1,0 +1,400 @@
+"""Shared transformer layers: attention, MLPs, norms, RoPE and the layer stack.
+
+Every param carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `layers`)
+and the main activations are constrained with (`act_batch`, `act_len`,
+`act_embed`); `mmjax.parallel` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+# Flax's default initialisers, wrapped with logical axis names.
+def _part(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+  """Logical sharding constraint on an activation (a no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def act_constrain(x: Array) -> Array:
+  """The standard constraint for a [B, T, D] residual-stream activation."""
+  return constrain(x, ("act_batch", "act_len", "act_embed"))
+
+
+# --------------------------------------------------------------------------
+# Activations and norms.
+
+def quick_gelu(x: Array) -> Array:
+  """OpenAI CLIP's GELU approximation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf, as torch
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm in float32 with an explicit eps (CLIP uses 1e-5; Flax defaults to 1e-6)."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param("scale", _part(nn.initializers.ones, ("norm",)), (d,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
+    if self.use_bias:
+      y = y + self.param("bias", _part(nn.initializers.zeros, ("norm",)), (d,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Llama's RMSNorm: normalise in float32, cast back, then scale."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", _part(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, dtype: Dtype, name: str | None = None) -> nn.Module:
+  if kind == "layernorm":
+    return LayerNorm(eps=eps, dtype=dtype, name=name)
+  if kind == "rmsnorm":
+    return RMSNorm(eps=eps, dtype=dtype, name=name)
+  raise ValueError(f"unknown norm {kind!r}; choose 'layernorm' or 'rmsnorm'")
+
+
+# --------------------------------------------------------------------------
+# Rotary position embedding (split-half convention, as transformers' Llama).
+
+def rope_frequencies(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos, sin of shape [B, T, head_dim] for integer positions [B, T]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x: [B, T, N, H]; cos/sin: [B, T, H]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# Masks.
+
+def make_attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    padding: Array | None = None,
+    causal: bool = False,
+    prefix_len: Array | None = None,
+) -> Array | None:
+  """Boolean mask [B or 1, 1, q_len, kv_len]; True means "may attend".
+
+  padding: [B, kv_len] bool, False at padded keys.
+  causal: query t sees keys <= t (queries aligned to the end of the keys).
+  prefix_len: [B] int; with causal, keys < prefix_len are visible to every
+    query (a prefix-LM: bidirectional over the prefix, causal after it).
+  """
+  mask = None
+  if causal:
+    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+    k_pos = jnp.arange(kv_len)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, Tq, Tk]
+    if prefix_len is not None:
+      in_prefix = k_pos[None] < prefix_len[:, None, None]  # [B, 1, Tk]
+      mask = mask | in_prefix[:, None]
+  if padding is not None:
+    pad = padding.astype(bool)[:, None, None, :]
+    mask = pad if mask is None else mask & pad
+  return mask
+
+
+# --------------------------------------------------------------------------
+# Attention.
+
+class DenseND(nn.Module):
+  """y = x . kernel, contracting the last `in_dims` dims of x.
+
+  Used for the head-shaped projections ([D] -> [N, H] and [N, H] -> [D]): flax's
+  DenseGeneral reshapes a boxed kernel in a way that breaks logical constraints
+  under an active mesh, and a kernel stored in its true shape converts cleanly.
+  """
+
+  out_shape: tuple[int, ...]
+  names: tuple[str | None, ...]  # logical names of the kernel's dims (in + out)
+  in_dims: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.in_dims:]
+    n_in, n_out = len(in_shape), len(self.out_shape)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)),
+                                        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", _part(init, self.names), (*in_shape, *self.out_shape),
+                        jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+    if self.use_bias:
+      bias = self.param("bias", _part(nn.initializers.zeros, self.names[n_in:]), self.out_shape,
+                        jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+class Attention(nn.Module):
+  """Multi-head (or grouped-query) self-attention via `jax.nn.dot_product_attention`.
+
+  With `num_kv_heads < num_heads` keys and values are shared across groups of
+  query heads (GQA). With `rope_theta` set, rotary embeddings are applied to
+  queries and keys at `positions`.
+  """
+
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None
+  use_bias: bool = True
+  rope_theta: float | None = None
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None  # None: let JAX pick; "cudnn" forces flash on GPU
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Array,
+      mask: Array | None = None,
+      positions: Array | None = None,
+      cache: dict[str, Array] | None = None,
+  ) -> tuple[Array, dict[str, Array] | None]:
+    """x: [B, T, D]. With `cache` ({"k", "v": [B, S, K, H], "index": int32 []}),
+    writes this step's keys/values at `index` and attends over the whole cache
+    (the caller passes the mask for the valid cache positions)."""
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
+    proj = functools.partial(DenseND, use_bias=self.use_bias, dtype=self.dtype,
+                             names=("embed", "heads", "kv"))
+    q = proj((self.num_heads, self.head_dim), name="query")(x)
+    k = proj((kv_heads, self.head_dim), name="key")(x)
+    v = proj((kv_heads, self.head_dim), name="value")(x)
+    q = constrain(q, ("act_batch", "act_len", "act_heads", "act_kv"))
+    if self.rope_theta is not None:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      cos, sin = rope_frequencies(positions, self.head_dim, self.rope_theta)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    new_cache = None
+    if cache is not None:
+      index = cache["index"]
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+      new_cache = {"k": k, "v": v, "index": index + x.shape[1]}
+
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=self.attention_impl)
+    out = DenseND((x.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
+                  dtype=self.dtype, name="out")(out)
+    return out, new_cache
+
+
+# --------------------------------------------------------------------------
+# MLPs.
+
+class MLP(nn.Module):
+  """Two-layer MLP (`gelu`, `quick_gelu`, ...) or the gated SwiGLU of Llama."""
+
+  hidden_dim: int
+  act: str = "gelu"
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    init = nn.initializers.lecun_normal()
+    dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype)
+    if self.act == "swiglu":
+      gate = dense(self.hidden_dim, name="gate",
+                   kernel_init=_part(init, ("embed", "mlp")),
+                   bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
+      up = dense(self.hidden_dim, name="up",
+                 kernel_init=_part(init, ("embed", "mlp")),
+                 bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
+      h = jax.nn.silu(gate) * up
+    else:
+      h = dense(self.hidden_dim, name="fc1",
+                kernel_init=_part(init, ("embed", "mlp")),
+                bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
+      h = activation(self.act)(h)
+    h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+    return dense(d, name="fc2" if self.act != "swiglu" else "down",
+                 kernel_init=_part(init, ("mlp", "embed")),
+                 bias_init=_part(nn.initializers.zeros, ("embed",)))(h)
+
+
+# --------------------------------------------------------------------------
+# The pre-LN block and the stack.
+
+class Block(nn.Module):
+  """Pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_kv_heads: int | None = None
+  act: str = "gelu"
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  use_bias: bool = True
+  rope_theta: float | None = None
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, mask=None, positions=None, cache=None):
+    h = make_norm(self.norm, self.norm_eps, self.dtype, name="norm1")(x)
+    h, new_cache = Attention(
+        num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
+        use_bias=self.use_bias, rope_theta=self.rope_theta, dtype=self.dtype,
+        attention_impl=self.attention_impl, name="attn")(h, mask, positions, cache)
+    x = act_constrain(x + h)
+    h = make_norm(self.norm, self.norm_eps, self.dtype, name="norm2")(x)
+    h = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, dtype=self.dtype, name="mlp")(h)
+    return act_constrain(x + h), new_cache
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; choose 'none' or one of {sorted(REMAT_POLICIES)}")
+  return REMAT_POLICIES[name]
+
+
+class _ScanBody(nn.Module):
+  """Adapts a Block to nn.scan's (carry, xs) -> (carry, ys) signature."""
+
+  block_kwargs: dict
+  collect: bool = False
+
+  @nn.compact
+  def __call__(self, carry, cache, mask, positions):
+    x, new_cache = Block(**self.block_kwargs, name="block")(carry, mask, positions, cache)
+    return x, (x if self.collect else None, new_cache)
+
+
+class Stack(nn.Module):
+  """`depth` identical blocks, scanned (params stacked on `layers`) or unrolled.
+
+  Returns (x, hidden, cache): `hidden` is [depth, B, T, D], every block's output
+  in order, when `collect_hidden`; `cache` is the updated KV cache (stacked on
+  the layer axis) when one was given.
+  """
+
+  depth: int
+  block_kwargs: dict
+  scan: bool = True
+  remat: str = "none"
+  collect_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None, positions=None, cache=None):
+    body = _ScanBody
+    if self.remat != "none":
+      body = nn.remat(body, policy=remat_policy(self.remat), prevent_cse=not self.scan)
+    if self.scan:
+      scanned = nn.scan(
+          body,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast, nn.broadcast),
+          length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, (hidden, new_cache) = scanned(self.block_kwargs, self.collect_hidden, name="layers")(
+          x, cache, mask, positions)
+      return x, hidden, new_cache
+
+    hidden, caches = [], []
+    for i in range(self.depth):
+      layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+      x, (h, c) = body(self.block_kwargs, self.collect_hidden, name=f"layers_{i}")(
+          x, layer_cache, mask, positions)
+      hidden.append(h)
+      caches.append(c)
+    hidden = jnp.stack(hidden) if self.collect_hidden else None
+    new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+    return x, hidden, new_cache
+
+
+def unstack_layers(params: dict, depth: int, key: str = "layers") -> dict:
+  """Scanned params ({key: leaves [depth, ...]}) -> unrolled ({key_i: ...})."""
+  out = {}
+  for name, value in params.items():
+    if name == key:
+      for i in range(depth):
+        out[f"{key}_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
+    elif isinstance(value, dict):
+      out[name] = unstack_layers(value, depth, key)
+    else:
+      out[name] = value
+  return out
+
+
+def stack_layers(params: dict, depth: int, key: str = "layers") -> dict:
+  """Unrolled params ({key_i: ...}) -> scanned ({key: leaves [depth, ...]})."""
+  out = {}
+  names = set(params)
+  if f"{key}_0" in names:
+    out[key] = jax.tree.map(lambda *a: jnp.stack(a), *[params[f"{key}_{i}"] for i in range(depth)])
+    names -= {f"{key}_{i}" for i in range(depth)}
+  for name in names:
+    value = params[name]
+    out[name] = stack_layers(value, depth, key) if isinstance(value, dict) else value
+  return out

@@ -1,0 +1,89 @@
+"""CLIP text transformer: token + position embedding, causal blocks, pooled at EOS."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+# name -> (width, depth, heads). open_clip's text towers.
+TEXT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (32, 2, 2),  # for tests only
+    "S": (384, 6, 6),
+    "B": (512, 12, 8),
+    "L": (768, 12, 12),
+    "H": (1024, 24, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  size: str = "B"
+  vocab_size: int = 49408
+  context_length: int = 77
+  mlp_ratio: int = 4
+  act: str = "gelu"
+  norm_eps: float = 1e-5
+  # Pooling: "eos" = first position holding eos_id; "argmax" = argmax of the
+  # ids (OpenAI's tokenizer gives EOT the largest id).
+  pool: str = "eos"
+  eos_id: int = 2
+  pad_id: int = 0
+  scan: bool = True
+  remat: str = "none"
+  dtype: str = "float32"
+
+  @property
+  def dims(self) -> tuple[int, int, int]:
+    if self.size not in TEXT_SIZES:
+      raise ValueError(f"unknown text tower size {self.size!r}; choose one of {list(TEXT_SIZES)}")
+    return TEXT_SIZES[self.size]
+
+
+def eos_positions(ids: jax.Array, pool: str, eos_id: int) -> jax.Array:
+  """Index of the pooled token per row of [B, T] ids.
+
+  A row without any EOS (truncated without keeping it) pools at its last token.
+  """
+  if pool == "argmax":
+    return jnp.argmax(ids, axis=-1)
+  if pool == "eos":
+    is_eos = ids == eos_id
+    first = jnp.argmax(is_eos, axis=-1)
+    return jnp.where(jnp.any(is_eos, axis=-1), first, ids.shape[-1] - 1)
+  raise ValueError(f"unknown text pooling {pool!r}; choose 'eos' or 'argmax'")
+
+
+class TextTransformer(nn.Module):
+  """Returns (pooled [B, D], out) with out["tokens"] [B, T, D] after the final norm."""
+
+  config: TextConfig
+
+  @nn.compact
+  def __call__(self, ids: jax.Array, padding: jax.Array | None = None):
+    cfg = self.config
+    width, depth, heads = cfg.dims
+    dtype = jnp.dtype(cfg.dtype)
+    b, t = ids.shape
+    if t > cfg.context_length:
+      raise ValueError(f"text of length {t} exceeds the context length {cfg.context_length}")
+    tok = nn.Embed(cfg.vocab_size, width, dtype=dtype, name="token_embed",
+                   embedding_init=nn.with_logical_partitioning(
+                       nn.initializers.normal(0.02), ("vocab", "embed")))(ids)
+    pos = self.param("pos_embed", nn.with_logical_partitioning(
+        nn.initializers.normal(0.01), ("pos", "embed")), (cfg.context_length, width), jnp.float32)
+    x = layers.act_constrain(tok + pos[:t].astype(dtype)[None])
+    mask = layers.make_attention_mask(t, t, padding=padding, causal=True)
+    x, _, _ = layers.Stack(
+        depth=depth,
+        block_kwargs=dict(num_heads=heads, head_dim=width // heads, mlp_dim=width * cfg.mlp_ratio,
+                          act=cfg.act, norm_eps=cfg.norm_eps, dtype=dtype),
+        scan=cfg.scan, remat=cfg.remat, name="encoder")(x, mask)
+    x = layers.LayerNorm(cfg.norm_eps, dtype, name="final_norm")(x)
+    idx = eos_positions(ids, cfg.pool, cfg.eos_id)
+    pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    return pooled, {"tokens": x, "eos_index": idx}

@@ -1,0 +1,37 @@
+"""Test setup: 8 fake CPU devices for mesh tests, set before jax is imported."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from mmjax.models.clip import CLIPConfig  # noqa: E402
+from mmjax.models.text import TextConfig  # noqa: E402
+from mmjax.models.vit import ViTConfig  # noqa: E402
+
+
+def tiny_clip_config(**overrides) -> CLIPConfig:
+  """A CLIP small enough for unit tests (widths divisible by 8 for mesh tests)."""
+  base = dict(
+      vision=ViTConfig(variant="tiny/8", image_size=32, pre_norm=True, norm_eps=1e-5),
+      text=TextConfig(size="tiny", vocab_size=64, context_length=16, eos_id=2),
+      embed_dim=16,
+  )
+  base.update(overrides)
+  return CLIPConfig(**base)
+
+
+@pytest.fixture
+def rng():
+  return jax.random.key(0)
+
+
+def init_params(model, *args, seed: int = 0):
+  """Jitted init (eager init of a scanned model is slow), params unboxed."""
+  import flax.linen as nn
+  return nn.unbox(jax.jit(model.init)(jax.random.key(seed), *args))["params"]

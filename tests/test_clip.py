@@ -1,0 +1,67 @@
+"""The two-tower CLIP model: embeddings, temperature, SigLIP bias, sizes."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import init_params, tiny_clip_config
+from mmjax.models.clip import CLIP, CLIPConfig
+from mmjax.models.text import TextConfig
+from mmjax.models.vit import ViTConfig
+
+
+def _batch(b=4):
+  images = jax.random.normal(jax.random.key(0), (b, 32, 32, 3))
+  ids = jax.random.randint(jax.random.key(1), (b, 16), 3, 64).at[:, 9].set(2)
+  return images, ids
+
+
+def test_embeddings_are_normalised_and_scale_starts_at_1_over_0_07():
+  model = CLIP(tiny_clip_config())
+  params = init_params(model, *_batch())
+  out = jax.jit(model.apply)({"params": params}, *_batch())
+  assert out["image_embeds"].shape == (4, 16) and out["text_embeds"].shape == (4, 16)
+  np.testing.assert_allclose(jnp.linalg.norm(out["image_embeds"], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(out["text_embeds"], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(params["log_scale"], math.log(1 / 0.07), rtol=1e-6)
+  np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
+  assert "logit_bias" not in out
+
+
+def test_logit_scale_is_clamped_at_100():
+  model = CLIP(tiny_clip_config())
+  params = init_params(model, *_batch())
+  params["log_scale"] = jnp.array(7.0)
+  out = jax.jit(model.apply)({"params": params}, *_batch())
+  np.testing.assert_allclose(out["logit_scale"], 100.0, rtol=1e-5)
+
+
+def test_siglip_has_a_bias_and_starts_at_scale_10():
+  model = CLIP(tiny_clip_config(loss="sigmoid"))
+  params = init_params(model, *_batch())
+  out = jax.jit(model.apply)({"params": params}, *_batch())
+  np.testing.assert_allclose(out["logit_scale"], 10.0, rtol=1e-5)
+  np.testing.assert_allclose(out["logit_bias"], -10.0)
+
+
+def test_towers_can_be_called_alone():
+  model = CLIP(tiny_clip_config())
+  images, ids = _batch()
+  params = {"params": init_params(model, images, ids)}
+  both = jax.jit(model.apply)(params, images, ids)
+  img = jax.jit(lambda p, x: model.apply(p, x, method=CLIP.encode_image))(params, images)
+  txt = jax.jit(lambda p, t: model.apply(p, t, method=CLIP.encode_text))(params, ids)
+  np.testing.assert_allclose(img, both["image_embeds"], rtol=1e-6)
+  np.testing.assert_allclose(txt, both["text_embeds"], rtol=1e-6)
+
+
+def test_clip_b16_param_count_matches_open_clip():
+  """open_clip's ViT-B-16 has 149.62M params (vision 86.19M, text 63.43M incl. projections)."""
+  cfg = CLIPConfig(vision=ViTConfig(variant="B/16", image_size=224, pre_norm=True),
+                   text=TextConfig(size="B"), embed_dim=512)
+  shapes = jax.eval_shape(CLIP(cfg).init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
+                          jnp.zeros((1, 77), jnp.int32))
+  n = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  assert abs(n - 149.62e6) < 0.05e6, n

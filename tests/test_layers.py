@@ -1,0 +1,173 @@
+"""Shared layers: activations, norms, RoPE, masks, attention, the layer stack."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from conftest import init_params
+from mmjax.models import layers
+
+
+def test_quick_gelu_formula():
+  x = jnp.linspace(-4, 4, 17)
+  np.testing.assert_allclose(layers.quick_gelu(x), x / (1 + np.exp(-1.702 * np.asarray(x))),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_is_exact_erf_not_tanh():
+  x = np.linspace(-3, 3, 13, dtype=np.float32)
+  exact = 0.5 * x * (1 + erf(x / np.sqrt(2)))
+  np.testing.assert_allclose(layers.activation("gelu")(x), exact, atol=1e-6)
+  assert np.max(np.abs(layers.activation("gelu_tanh")(x) - exact)) > 1e-5
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError, match="swish2"):
+    layers.activation("swish2")
+  with pytest.raises(ValueError, match="batchnorm"):
+    layers.make_norm("batchnorm", 1e-5, jnp.float32)
+  with pytest.raises(ValueError, match="sometimes"):
+    layers.remat_policy("sometimes")
+
+
+def test_layernorm_matches_numpy_with_eps(rng):
+  x = jax.random.normal(rng, (3, 5, 8)) * 3 + 1
+  ln = layers.LayerNorm(eps=1e-5)
+  params = ln.init(rng, x)
+  params = jax.tree.map(lambda p: p + 0.5, params)  # non-trivial scale and bias
+  xn = np.asarray(x)
+  ref = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5) * 1.5 + 0.5
+  np.testing.assert_allclose(ln.apply(params, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_matches_numpy_and_computes_in_float32(rng):
+  x = jax.random.normal(rng, (2, 4, 16))
+  norm = layers.RMSNorm(eps=1e-6)
+  params = norm.init(rng, x)
+  xn = np.asarray(x)
+  ref = xn / np.sqrt((xn ** 2).mean(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(norm.apply(params, x), ref, rtol=1e-5, atol=1e-5)
+  out16 = layers.RMSNorm(eps=1e-6, dtype=jnp.bfloat16).apply(params, x.astype(jnp.bfloat16))
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), ref, atol=3e-2)
+
+
+def test_rope_scores_depend_only_on_relative_position(rng):
+  kq, kk = jax.random.split(rng)
+  q = jax.random.normal(kq, (1, 1, 1, 8))
+  k = jax.random.normal(kk, (1, 1, 1, 8))
+
+  def score(pq, pk):
+    cq, sq = layers.rope_frequencies(jnp.array([[pq]]), 8, 10000.0)
+    ck, sk = layers.rope_frequencies(jnp.array([[pk]]), 8, 10000.0)
+    return jnp.sum(layers.apply_rope(q, cq, sq) * layers.apply_rope(k, ck, sk))
+
+  np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-4)
+  assert abs(float(score(5, 2)) - float(score(5, 4))) > 1e-4
+  cos, sin = layers.rope_frequencies(jnp.array([[7]]), 8, 10000.0)
+  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rope(q, cos, sin)), jnp.linalg.norm(q),
+                             rtol=1e-5)
+
+
+def test_masks_causal_padding_prefix():
+  causal = layers.make_attention_mask(4, 4, causal=True)
+  np.testing.assert_array_equal(causal[0, 0], np.tril(np.ones((4, 4), bool)))
+  padding = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+  both = layers.make_attention_mask(4, 4, padding=padding, causal=True)
+  assert both.shape == (2, 1, 4, 4)
+  assert not both[0, 0, 3, 2] and both[1, 0, 3, 2]
+  prefix = layers.make_attention_mask(4, 4, causal=True, prefix_len=jnp.array([2, 0]))
+  assert prefix[0, 0, 0, 1]  # inside the prefix: bidirectional
+  assert not prefix[0, 0, 1, 3]  # after the prefix: causal
+  assert not prefix[1, 0, 0, 1]
+  # A single decoding query is aligned with the end of the keys.
+  np.testing.assert_array_equal(layers.make_attention_mask(1, 5, causal=True)[0, 0, 0], np.ones(5))
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads(rng):
+  x = jax.random.normal(rng, (2, 6, 16))
+  gqa = layers.Attention(num_heads=4, head_dim=4, num_kv_heads=2)
+  p = nn.unbox(gqa.init(rng, x))["params"]
+  mha = layers.Attention(num_heads=4, head_dim=4)
+  rep = lambda t: jnp.repeat(t, 2, axis=-2)  # kernel [D, K, H] / bias [K, H]
+  p_mha = dict(p)
+  for name in ("key", "value"):
+    p_mha[name] = {"kernel": rep(p[name]["kernel"]), "bias": rep(p[name]["bias"])}
+  mask = layers.make_attention_mask(6, 6, causal=True)
+  out_gqa, _ = gqa.apply({"params": p}, x, mask)
+  out_mha, _ = mha.apply({"params": p_mha}, x, mask)
+  np.testing.assert_allclose(out_gqa, out_mha, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kv_cache_matches_full_forward(rng):
+  attn = layers.Attention(num_heads=2, head_dim=8, num_kv_heads=1, rope_theta=10000.0)
+  x = jax.random.normal(rng, (2, 5, 16))
+  params = attn.init(rng, x)
+  full, _ = attn.apply(params, x, layers.make_attention_mask(5, 5, causal=True))
+  cache = {"k": jnp.zeros((2, 8, 1, 8)), "v": jnp.zeros((2, 8, 1, 8)), "index": jnp.array(0)}
+  steps = []
+  step = jax.jit(attn.apply)
+  for t in range(5):
+    valid = (jnp.arange(8) <= t)[None, None, None, :]
+    out, cache = step(params, x[:, t:t + 1], valid, jnp.full((2, 1), t), cache)
+    steps.append(out)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+  assert int(cache["index"]) == 5
+
+
+def test_swiglu_mlp_params():
+  mlp = layers.MLP(hidden_dim=24, act="swiglu", use_bias=False)
+  params = nn.unbox(mlp.init(jax.random.key(1), jnp.ones((1, 2, 8))))["params"]
+  assert set(params) == {"gate", "up", "down"}
+  assert params["gate"]["kernel"].shape == (8, 24) and params["down"]["kernel"].shape == (24, 8)
+
+
+BLOCK = dict(num_heads=2, head_dim=8, mlp_dim=32, act="quick_gelu")
+
+
+def _stack_io(scan, remat="none", collect=False, depth=3):
+  model = layers.Stack(depth=depth, block_kwargs=BLOCK, scan=scan, remat=remat,
+                       collect_hidden=collect)
+  x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+  return model, x
+
+
+def test_scanned_and_unrolled_stacks_agree():
+  scanned, x = _stack_io(scan=True)
+  unrolled, _ = _stack_io(scan=False)
+  params = init_params(scanned, x)
+  assert params["layers"]["block"]["mlp"]["fc1"]["kernel"].shape == (3, 16, 32)
+  flat = layers.unstack_layers(params, 3)
+  assert set(flat) == {"layers_0", "layers_1", "layers_2"}
+  y_scan = jax.jit(scanned.apply)({"params": params}, x)[0]
+  y_unroll = jax.jit(unrolled.apply)({"params": flat}, x)[0]
+  np.testing.assert_allclose(y_scan, y_unroll, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_equal(layers.stack_layers(flat, 3), params)
+
+
+def test_collect_hidden_returns_every_block_output():
+  model, x = _stack_io(scan=True, collect=True)
+  params = {"params": init_params(model, x)}
+  y, hidden, _ = jax.jit(model.apply)(params, x)
+  assert hidden.shape == (3, 2, 5, 16)
+  np.testing.assert_allclose(hidden[-1], y)
+  assert not np.allclose(hidden[0], hidden[1])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_gives_the_same_gradients(policy, scan):
+  plain, x = _stack_io(scan=scan)
+  remat, _ = _stack_io(scan=scan, remat=policy)
+  params = {"params": init_params(plain, x)}
+
+  def loss(model):
+    return lambda p: jnp.sum(model.apply(p, x)[0] ** 2)
+
+  g_plain = jax.jit(jax.grad(loss(plain)))(params)
+  g_remat = jax.jit(jax.grad(loss(remat)))(params)
+  chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-5, atol=1e-5)
