@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import text, vit
 from mmjax.models.text import TextConfig, TextTransformer
 from mmjax.models.vit import ViT, ViTConfig
 
@@ -35,6 +36,15 @@ class CLIPConfig:
     if self.init_log_scale is not None:
       return self.init_log_scale
     return math.log(1 / 0.07) if self.loss == "softmax" else math.log(10.0)
+
+
+def forward_flops(cfg: CLIPConfig, batch_size: int = 1) -> float:
+  """Forward FLOPs per image-text pair: both towers, projections, and its row of logits."""
+  d_img = vit.decode_variant(cfg.vision.variant)["width"]
+  d_txt = cfg.text.dims[0]
+  proj = 2 * (d_img + d_txt) * cfg.embed_dim
+  logits = 2 * batch_size * cfg.embed_dim
+  return vit.forward_flops(cfg.vision) + text.forward_flops(cfg.text) + proj + logits
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

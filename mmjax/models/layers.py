@@ -373,6 +373,26 @@ class Stack(nn.Module):
     return x, hidden, new_cache
 
 
+def stack_forward_flops(depth: int, seq: int, width: int, mlp_dim: int, *,
+                        num_heads: int | None = None, num_kv_heads: int | None = None,
+                        head_dim: int | None = None, gated: bool = False,
+                        kv_len: int | None = None) -> float:
+  """Forward FLOPs of `depth` blocks on one sequence (2 FLOPs per multiply-add).
+
+  Projections 2*S*D*(N + 2K + N)*H, the MLP 2*S*D*F per matrix (3 matrices when
+  gated), scores and weighted sum 4*S*S_kv*N*H. For MHA with F = 4D this is
+  L * (24 S D^2 + 4 S^2 D), the ViT count of the reference.
+  """
+  num_heads = num_heads or 1
+  head_dim = head_dim or width // num_heads
+  kv = num_kv_heads or num_heads
+  kv_len = kv_len or seq
+  attn_proj = 2 * seq * width * head_dim * (2 * num_heads + 2 * kv)
+  scores = 4 * seq * kv_len * num_heads * head_dim
+  mlp = 2 * seq * width * mlp_dim * (3 if gated else 2)
+  return float(depth * (attn_proj + scores + mlp))
+
+
 def unstack_layers(params: dict, depth: int, key: str = "layers") -> dict:
   """Scanned params ({key: leaves [depth, ...]}) -> unrolled ({key_i: ...})."""
   out = {}

@@ -13,6 +13,8 @@ from mmjax.models import layers
 # name -> (width, depth, heads). open_clip's text towers.
 TEXT_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (32, 2, 2),  # for tests only
+    "nano": (64, 3, 4),  # CPU-sized, for the embedded datasets
+    "micro": (128, 4, 4),
     "S": (384, 6, 6),
     "B": (512, 12, 8),
     "L": (768, 12, 12),
@@ -42,6 +44,13 @@ class TextConfig:
     if self.size not in TEXT_SIZES:
       raise ValueError(f"unknown text tower size {self.size!r}; choose one of {list(TEXT_SIZES)}")
     return TEXT_SIZES[self.size]
+
+
+def forward_flops(cfg: TextConfig) -> float:
+  """Forward FLOPs per text of `context_length` tokens (the embedding is a lookup)."""
+  width, depth, heads = cfg.dims
+  return layers.stack_forward_flops(depth, cfg.context_length, width, width * cfg.mlp_ratio,
+                                    num_heads=heads)
 
 
 def eos_positions(ids: jax.Array, pool: str, eos_id: int) -> jax.Array:

@@ -20,6 +20,8 @@ from mmjax.models import layers
 # name -> (width, depth, mlp_dim, heads). From the ViT / big_vision tables.
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (32, 2, 64, 2),  # for tests only
+    "nano": (64, 4, 256, 4),  # CPU-sized, for the embedded datasets
+    "micro": (128, 4, 512, 4),
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
     "M": (512, 12, 2048, 8),
@@ -114,6 +116,17 @@ class ViTConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.size["patch_size"]) ** 2
+
+
+def forward_flops(cfg: ViTConfig) -> float:
+  """Forward FLOPs per image: the encoder plus the patch embedding."""
+  size = cfg.size
+  n, d = cfg.num_patches, size["width"]
+  seq = n + cfg.num_prefix_tokens
+  embed = 2 * n * 3 * size["patch_size"] ** 2 * d
+  head = 2 * d * cfg.num_classes
+  return layers.stack_forward_flops(size["depth"], seq, d, size["mlp_dim"],
+                                    num_heads=size["num_heads"]) + embed + head
 
 
 class ConvStem(nn.Module):

@@ -1,0 +1,33 @@
+"""CLIP on the embedded synthetic scenes: the README's main job (CPU, minutes).
+
+  python -m mmjax.train --config=experiments/clip_shapes.py --workdir=runs/clip_shapes
+  --config=experiments/clip_shapes.py:runlocal=true   a 20-step smoke run
+"""
+
+from experiments import common
+from mmjax.data.pipeline import default_data_config
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, runlocal=False, image_size=32, patch=4, steps=1500, vision="micro",
+                      text="nano")
+  c = common.base_config("clip")
+  c.total_steps = a.steps
+  c.batch_size = 128
+  c.log_every = 25
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.05
+  c.model = common.clip_model(f"{a.vision}/{a.patch}", a.text, 64)
+  c.data = default_data_config("shapes")
+  c.data.image_size = a.image_size
+  c.eval.batch_size = 256
+  if a.runlocal:
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 20, 10
+    c.batch_size = 32
+    c.data.builder_kwargs.num_train = 512
+    c.data.builder_kwargs.num_validation = 128
+    c.data.builder_kwargs.num_test = 128
+  return c

@@ -1,0 +1,87 @@
+"""Orbax checkpoints: async save every N steps, keep K, data-iterator state beside
+the train state, restore onto whatever mesh the current config builds."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mmjax.treeutil import flat_shapes
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's tree does not fit the model of the current config."""
+
+
+class Checkpointer:
+  """`save` is asynchronous; `wait` blocks until the last save is on disk."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: Any = None, force: bool = False) -> bool:
+    args = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      args["data"] = ocp.args.JsonSave(data_state)
+    return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, target: Any, step: int | None = None) -> tuple[Any, Any]:
+    """Restores onto `target`: a tree of jax.ShapeDtypeStruct with shardings (or
+    arrays), so a checkpoint saved on one mesh lands on another. Returns
+    (state, data_state or None)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    self._check_compatible(target, step)
+    abstract = jax.tree.map(_abstract, target)
+    args = {"state": ocp.args.StandardRestore(abstract)}
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    if has_data:
+      args["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return restored["state"], restored["data"] if has_data else None
+
+  def _check_compatible(self, target: Any, step: int) -> None:
+    meta = self.manager.item_metadata(step)["state"]
+    saved = flat_shapes(getattr(meta, "tree", meta))
+    wanted = flat_shapes(target)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    shape = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if missing or extra or shape:
+      lines = []
+      if missing:
+        lines.append(f"missing from the checkpoint: {missing[:10]}")
+      if extra:
+        lines.append(f"not in the model: {extra[:10]}")
+      if shape:
+        lines.append("shape differs: " + ", ".join(
+            f"{k} saved {saved[k]} vs model {wanted[k]}" for k in shape[:10]))
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory} step {step} does not match the model of this config; "
+          + "; ".join(lines))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _abstract(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))

@@ -1,0 +1,22 @@
+"""Multi-process start-up on JAX's own runtime (no home-made launcher protocol)."""
+
+import os
+
+import jax
+
+
+def maybe_initialize() -> None:
+  """Calls jax.distributed.initialize when launched as one of several processes.
+
+  - MMJAX_COORDINATOR / MMJAX_NUM_PROCESSES / MMJAX_PROCESS_ID: explicit (N local
+    processes, `launch/multiprocess_local.sh`);
+  - SLURM (SLURM_NTASKS > 1) or a TPU pod: JAX detects the cluster itself.
+  """
+  if os.environ.get("MMJAX_COORDINATOR"):
+    jax.distributed.initialize(
+        coordinator_address=os.environ["MMJAX_COORDINATOR"],
+        num_processes=int(os.environ["MMJAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["MMJAX_PROCESS_ID"]),
+        local_device_ids=None)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()

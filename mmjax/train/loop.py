@@ -1,0 +1,229 @@
+"""The training loop shared by every task: sharded init or resume, the jitted step,
+metrics, evaluation, checkpoints, profiling and preemption."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mmjax import checkpoint, parallel
+from mmjax.train import metrics as metrics_lib
+from mmjax.train import optim, step as step_lib, tasks
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that every process agrees on at the same step."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(multihost_utils.process_allgather(np.array(self.flag)).any())
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def setup(config, workdir: str, devices=None):
+  """Mesh, task, optimizer and state shardings: what training and evaluation share."""
+  mesh = parallel.make_mesh(config.mesh, devices)
+  rules = parallel.rules_from_config(config.get("rules"))
+  parallel.check_batch_size(config.batch_size, mesh)
+  task = tasks.build_task(config)
+  boxed = jax.eval_shape(lambda: task.init(jax.random.PRNGKey(config.seed)))
+  mask = optim.trainable_mask(nn.meta.unbox(boxed), task.frozen)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, mask)
+  abstract, shardings = step_lib.state_shardings(task, tx, config.seed, mesh, rules)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 keep=config.keep_checkpoints,
+                                 async_save=config.get("async_checkpoints", True))
+  return dict(mesh=mesh, rules=rules, task=task, mask=mask, tx=tx, schedule=schedule,
+              abstract=abstract, shardings=shardings, ckpt=ckpt)
+
+
+def restore_target(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns
+  the last logged metrics."""
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  s = setup(config, workdir)
+  mesh, rules, task, ckpt = s["mesh"], s["rules"], s["task"], s["ckpt"]
+  n_proc = jax.process_count()
+  data = task.train_batches(config.batch_size // n_proc, config.seed)
+
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(restore_target(s["abstract"], s["shardings"]), start)
+    if data_state is not None:
+      data.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    with parallel.activate(mesh, rules):
+      state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
+                      out_shardings=s["shardings"])()
+    if hasattr(task, "initial_params"):  # a later stage starts from earlier runs
+      state = state.replace(params=task.initial_params(state.params, s["shardings"].params))
+    start = 0
+
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"],
+                               config.optim.get("grad_accum", 1)),
+      s["shardings"], mesh, task.batch_spec(config.batch_size))
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  peak, peak_source = metrics_lib.peak_flops()
+  flops_per_example = task.flops_per_example()
+  logging.info("model FLOPs per example %.3g; peak %.3g FLOP/s (%s)",
+               flops_per_example, peak, peak_source)
+
+  preempt = _Preemption()
+  progress = _progress(start, config.total_steps, is_main)
+  profile = _Profiler(workdir, start, config.get("profile_steps", 0))
+  last_logged: dict[str, Any] = {}
+  pending: list[dict] = []
+  t_last, steps_since = time.perf_counter(), 0
+  step = start
+  try:
+    with parallel.activate(mesh, rules):
+      while step < config.total_steps:
+        profile.maybe_start(step)
+        batch = next(data)
+        batch = parallel.host_to_global({k: batch[k] for k in task.batch_keys}, mesh)
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        steps_since += 1
+        profile.maybe_stop(step)
+        pending.append(step_metrics)
+        progress.update(1)
+
+        row: dict[str, Any] = {}
+        if step % config.log_every == 0 or step == config.total_steps:
+          row.update(_reduce(pending))
+          pending = []
+          _check_finite(row, step, ckpt)
+          elapsed = time.perf_counter() - t_last
+          if step - start > steps_since:  # not the first interval (compilation)
+            ex_per_sec = steps_since * config.batch_size / elapsed
+            row["perf/examples_per_sec"] = ex_per_sec
+            row["perf/examples_per_sec_per_device"] = ex_per_sec / jax.device_count()
+            row["perf/mfu"] = ex_per_sec * flops_per_example / peak
+            row["perf/step_time_sec"] = elapsed / steps_since
+          progress.set_postfix(loss=f"{row['train/loss']:.4f}",
+                               ex_s=f"{row.get('perf/examples_per_sec', 0):.0f}")
+        if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+          row.update({f"eval/{k}": v for k, v in task.evaluate(state.params, mesh, rules).items()})
+        preempted = preempt.requested()
+        if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
+          if pending:  # never save params that produced a non-finite loss
+            _check_finite(_reduce(pending[-1:]), step, ckpt)
+          ckpt.save(step, state, data.get_state(), force=True)
+        if row:
+          writer.write(step, row)
+          last_logged = {"step": step, **row}
+          if any(k.startswith("eval/") for k in row) and is_main:
+            logging.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items()
+                                               if k.startswith("eval/")})
+          t_last, steps_since = time.perf_counter(), 0
+        if preempted:
+          logging.warning("SIGTERM: saved step %d to %s; exiting", step, ckpt.directory)
+          break
+  finally:
+    progress.close()
+    profile.close()
+    preempt.restore()
+    ckpt.close()
+    writer.close()
+    if hasattr(data, "close"):
+      data.close()
+  if is_main and step >= config.total_steps:
+    metrics_lib.plot_report(workdir, title=f"{config.task}: {os.path.basename(workdir)}")
+  return last_logged
+
+
+def _reduce(rows: list[dict]) -> dict[str, float]:
+  """Means over the steps since the last log; one host sync for all of them."""
+  rows = jax.device_get(rows)
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _check_finite(row: dict, step: int, ckpt) -> None:
+  loss = row.get("train/loss")
+  if loss is not None and not np.isfinite(loss):
+    raise NonFiniteLossError(
+        f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint is step "
+        f"{ckpt.latest_step()} in {ckpt.directory}: lower optim.lr or raise warmup and resume")
+
+
+def _progress(start: int, total: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step",
+              dynamic_ncols=True)
+
+
+class _Profiler:
+  """`profile_steps` = N > 0 traces N steps, starting two steps after (re)start."""
+
+  def __init__(self, workdir: str, start: int, n: int):
+    self.first = start + 2 if n else None
+    self.last = start + 2 + n if n else None
+    self.dir = os.path.join(workdir, "profile")
+    self.active = False
+
+  def maybe_start(self, step: int) -> None:
+    if self.first is not None and step == self.first and not self.active:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def maybe_stop(self, step: int) -> None:
+    if self.active and step >= self.last:
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profile written to %s", self.dir)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+  """Evaluates the latest checkpoint of `workdir`; writes workdir/eval.json."""
+  s = setup(config, workdir)
+  step = s["ckpt"].latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state, _ = s["ckpt"].restore(restore_target(s["abstract"], s["shardings"]), step)
+  results = {"step": step, **{f"eval/{k}": v for k, v in
+                              s["task"].evaluate(state.params, s["mesh"], s["rules"]).items()}}
+  s["ckpt"].close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results

@@ -1,0 +1,129 @@
+"""One Task per model family: the model, its init, its loss, its evaluation.
+
+The step and the loop are shared; a Task says only what differs. A Task has:
+  init(rng) -> boxed params         loss(params, batch, rng) -> (loss, aux)
+  frozen: regexes of frozen params  batch_keys: what the step reads from a batch
+  train_batches(...) / evaluate(...) / flops_per_example()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mmjax import losses, parallel
+from mmjax.data import pipeline
+from mmjax.eval import clip as clip_eval
+from mmjax.models import clip as clip_lib
+from mmjax.models.text import TextConfig
+from mmjax.models.vit import ViTConfig
+
+TASKS: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str):
+  def wrap(cls):
+    TASKS[name] = cls
+    return cls
+  return wrap
+
+
+def build_task(config):
+  if config.task not in TASKS:
+    raise ValueError(f"unknown task {config.task!r} in config; known: {sorted(TASKS)}")
+  return TASKS[config.task](config)
+
+
+def _dataclass_from(cls, cfg, **overrides):
+  """A frozen config dataclass from a ConfigDict, naming unknown keys."""
+  values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  values.update(overrides)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+  return cls(**values)
+
+
+@register("clip")
+class CLIPTask:
+  """Contrastive image-text pretraining (softmax InfoNCE or SigLIP)."""
+
+  batch_keys = ("image", "text")
+
+  def __init__(self, config):
+    self.config = config
+    self.data_cfg = config.data
+    self.tokenizer = pipeline.dataset_tokenizer(config.data)
+    m = config.model
+    text_cfg = _dataclass_from(
+        TextConfig, m.text, vocab_size=m.text.get("vocab_size") or self.tokenizer.vocab_size,
+        context_length=config.data.context_length, eos_id=self.tokenizer.eos_id,
+        pad_id=self.tokenizer.pad_id, dtype=m.dtype, scan=m.scan, remat=m.remat)
+    vision_cfg = _dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
+                                 dtype=m.dtype, scan=m.scan, remat=m.remat)
+    self.model_config = clip_lib.CLIPConfig(vision=vision_cfg, text=text_cfg,
+                                            embed_dim=m.embed_dim, loss=m.loss)
+    self.model = clip_lib.CLIP(self.model_config)
+    self.frozen = tuple(config.optim.get("frozen", ()) or ())
+
+  def init(self, rng):
+    s, t = self.data_cfg.image_size, self.data_cfg.context_length
+    return self.model.init(rng, jnp.zeros((1, s, s, 3)), jnp.zeros((1, t), jnp.int32))["params"]
+
+  def batch_spec(self, batch_size: int) -> dict:
+    s, t = self.data_cfg.image_size, self.data_cfg.context_length
+    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+            "text": jax.ShapeDtypeStruct((batch_size, t), jnp.int32)}
+
+  def loss(self, params, batch, rng):
+    del rng
+    out = self.model.apply({"params": params}, batch["image"], batch["text"])
+    if self.model_config.loss == "sigmoid":
+      loss, _ = losses.siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"],
+                                   out["logit_bias"])
+    else:
+      loss, _ = losses.clip_softmax_loss(out["image_embeds"], out["text_embeds"],
+                                         out["logit_scale"])
+    aux = {"temperature": 1.0 / out["logit_scale"], "logit_scale": out["logit_scale"]}
+    if "logit_bias" in out:
+      aux["logit_bias"] = out["logit_bias"]
+    return loss, aux
+
+  def flops_per_example(self) -> float:
+    """Training FLOPs per pair: 3 x forward (a frozen tower would count once)."""
+    return 3 * clip_lib.forward_flops(self.model_config, self.config.batch_size)
+
+  def train_batches(self, batch_size: int, seed: int):
+    return pipeline.train_iterator(self.data_cfg, tokenizer=self.tokenizer,
+                                   batch_size=batch_size, seed=seed)
+
+  # -- evaluation ---------------------------------------------------------
+
+  def _encoders(self, mesh):
+    if getattr(self, "_encoders_for", None) is not mesh:
+      model = self.model
+      img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=clip_lib.CLIP.encode_image))
+      txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip_lib.CLIP.encode_text))
+      self._encoders_for, self._img, self._txt = mesh, img, txt
+    return self._img, self._txt
+
+  def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    cfg = self.config
+    img_fn, txt_fn = self._encoders(mesh)
+    per_process = cfg.eval.batch_size // jax.process_count()
+    with parallel.activate(mesh, rules):
+      batches = pipeline.eval_iterator(self.data_cfg, tokenizer=self.tokenizer,
+                                       split=self.data_cfg.eval_split, batch_size=per_process)
+      emb = clip_eval.embed_split(lambda x: img_fn(params, x), lambda t: txt_fn(params, t),
+                                  batches, mesh)
+      class_emb = None
+      if cfg.eval.zeroshot:
+        names = pipeline.class_names(self.data_cfg)
+        class_emb = clip_eval.class_embeddings(
+            lambda ids: txt_fn(params, ids), self.tokenizer, names,
+            pipeline.prompt_templates(self.data_cfg), self.data_cfg.context_length)
+    return clip_eval.evaluate(emb, class_emb, pipeline.held_out_labels(self.data_cfg))
