@@ -1,9 +1,16 @@
 """One Task per model family: the model, its init, its loss, its evaluation.
 
 The step and the loop are shared; a Task says only what differs. A Task has:
-  init(rng) -> boxed params         loss(params, batch, rng) -> (loss, aux)
-  frozen: regexes of frozen params  batch_keys: what the step reads from a batch
-  train_batches(...) / evaluate(...) / flops_per_example()
+  __init__(config)                    built from the whole experiment config
+  init(rng) -> params                 boxed (logical names) params of the model
+  batch_keys                          the batch entries the step reads
+  batch_spec(global_batch) -> dict    ShapeDtypeStructs of those entries
+  loss(params, batch, rng) -> (loss, aux dict of scalars)   traced inside jit
+  frozen                              regexes ('vision/.*') of params that do not train
+  train_batches(per_process_batch, seed) -> iterator with get_state / set_state
+  evaluate(params, mesh, rules) -> dict of floats   (logged as eval/<key>)
+  flops_per_example() -> float        training FLOPs, for MFU
+  initial_params(params, shardings) -> params       optional: start from other runs
 """
 
 from __future__ import annotations
@@ -31,7 +38,19 @@ def register(name: str):
   return wrap
 
 
+# Task families that live in their own modules register themselves on import.
+FAMILY_MODULES = ("mmjax.train.llava_tasks", "mmjax.train.vit_tasks")
+
+
 def build_task(config):
+  if config.task not in TASKS:
+    import importlib
+    for module in FAMILY_MODULES:
+      try:
+        importlib.import_module(module)
+      except ModuleNotFoundError as e:
+        if e.name != module:
+          raise
   if config.task not in TASKS:
     raise ValueError(f"unknown task {config.task!r} in config; known: {sorted(TASKS)}")
   return TASKS[config.task](config)
