@@ -10,6 +10,7 @@ from mmjax.data.pipeline import default_data_config
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, steps=600, vision="nano", patch=4, text="nano")
   c = common.base_config("clip")
+  c.init = common.clip_init()
   c.total_steps = a.steps
   c.batch_size = 128
   c.log_every = 25

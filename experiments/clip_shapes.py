@@ -9,24 +9,29 @@ from mmjax.data.pipeline import default_data_config
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, image_size=32, patch=4, steps=1500, vision="micro",
-                      text="nano")
+  a = common.parse_arg(arg, runlocal=False, image_size=64, patch=8, steps=1000, vision="nano",
+                      text="nano", stem="conv", single=0.5, lr=2e-3)
   c = common.base_config("clip")
+  c.init = common.clip_init()
   c.total_steps = a.steps
   c.batch_size = 128
   c.log_every = 25
   c.eval_every = 500
   c.checkpoint_every = 500
-  c.optim.lr = 2e-3
+  c.optim.lr = a.lr
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.05
   c.model = common.clip_model(f"{a.vision}/{a.patch}", a.text, 64)
+  c.model.vision.stem = a.stem
   c.data = default_data_config("shapes")
   c.data.image_size = a.image_size
+  c.data.builder_kwargs.single_fraction = a.single
+  c.data.eval_split = "test"  # held-out compositions are scored here
   c.eval.batch_size = 256
   if a.runlocal:
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 20, 10
     c.batch_size = 32
+    c.data.image_size, c.model.vision.stem = 32, "linear"
     c.data.builder_kwargs.num_train = 512
     c.data.builder_kwargs.num_validation = 128
     c.data.builder_kwargs.num_test = 128

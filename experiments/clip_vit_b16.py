@@ -16,6 +16,7 @@ def get_config(arg=None):
                        steps=100_000, batch=32768, variant="B/16", text="B", embed=512,
                        loss="softmax", runlocal=False)
   c = common.base_config("clip")
+  c.init = common.clip_init()
   c.total_steps = a.steps
   c.batch_size = a.batch
   c.log_every = 100

@@ -42,7 +42,13 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.async_checkpoints = True
   c.profile_steps = 0
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # preset: "" (use the sizes) | dp | fsdp | fsdp_tensor | multislice (parallel.PRESETS);
+  # dcn: slices (data parallel across them).
+  c.mesh = ml_collections.ConfigDict({"preset": "", "dcn": 1, "data": -1, "fsdp": 1,
+                                      "tensor": 1})
+  # Logical data shards; 0 = one per process. A multiple of every process count
+  # you run with makes the global batches independent of that count.
+  c.data_shards = 0
   c.rules = ml_collections.FieldReference(None, field_type=list)  # None: parallel.DEFAULT_RULES
   c.optim = ml_collections.ConfigDict({
       "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.1, "schedule": "cosine",
@@ -51,6 +57,12 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   })
   c.eval = ml_collections.ConfigDict({"batch_size": 256, "zeroshot": True})
   return c
+
+
+def clip_init() -> ml_collections.ConfigDict:
+  """Where a CLIP run starts from: None = random, or a workdir (a run, or one
+  written by `python -m mmjax.convert`) whose params are loaded."""
+  return ml_collections.ConfigDict({"clip_workdir": ml_collections.FieldReference(None, str)})
 
 
 def clip_model(vision_variant: str, text_size: str, embed_dim: int, *, loss: str = "softmax",
@@ -65,4 +77,5 @@ def clip_model(vision_variant: str, text_size: str, embed_dim: int, *, loss: str
       "dtype": dtype,
       "scan": scan,
       "remat": remat,
+      "chunked_loss": False,  # the B x B logits split over devices (collective_losses)
   })

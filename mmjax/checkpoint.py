@@ -85,3 +85,53 @@ def _abstract(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def restore_subtree(directory: str, path: tuple[str, ...], target: Any,
+                    step: int | None = None) -> Any:
+  """Restores one sub-tree of another run's train state, e.g. ("params", "vision").
+
+  `directory` is a workdir (or its checkpoints folder); `target` is a tree of
+  arrays or jax.ShapeDtypeStruct (with shardings) shaped like the sub-tree.
+  Only that sub-tree is read (no optimizer state), onto the target's shardings.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}: train that run first")
+    meta = manager.item_metadata(step)["state"]
+    saved = getattr(meta, "tree", meta)
+    for key in path:
+      if not isinstance(saved, dict) or key not in saved:
+        raise CheckpointMismatchError(
+            f"checkpoint {directory} step {step} has no {'/'.join(path)} (at {key!r}; it has "
+            f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__})")
+      saved = saved[key]
+    saved_shapes, wanted = flat_shapes(saved), flat_shapes(target)
+    if saved_shapes != wanted:
+      missing = sorted(set(wanted) - set(saved_shapes))
+      extra = sorted(set(saved_shapes) - set(wanted))
+      shape = sorted(k for k in set(saved_shapes) & set(wanted) if saved_shapes[k] != wanted[k])
+      raise CheckpointMismatchError(
+          f"{'/'.join(path)} of checkpoint {directory} step {step} does not fit the model: "
+          f"missing {missing[:5]}, not in the model {extra[:5]}, shape differs "
+          + ", ".join(f"{k} saved {saved_shapes[k]} vs model {wanted[k]}" for k in shape[:5])
+          + "; make the config's model match the run it loads from")
+    abstract = jax.tree.map(_abstract, target)
+    item = abstract
+    for key in reversed(path):
+      item = {key: item}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  for key in path:
+    restored = restored[key]
+  return restored

@@ -80,12 +80,14 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
 
 
 def train_iterator(data_cfg, *, tokenizer=None, batch_size: int, seed: int,
-                   shard_index: int | None = None,
-                   shard_count: int | None = None) -> "TrainIterator":
+                   shard_index: int | None = None, shard_count: int | None = None,
+                   example_fn: grain.transforms.RandomMap | None = None) -> "TrainIterator":
   """Infinite, checkpointable iterator of this process's train batches.
 
   `batch_size` is per process. Batches: image float32 [b, S, S, 3], text int32
   [b, context_length] (one caption drawn per example and epoch), label int32 [b].
+  A task with its own batch layout passes `example_fn`: a RandomMap from
+  (record index, example) to a dict of arrays, or None to skip the example.
   """
   shard_index, shard_count = _shard(shard_index, shard_count)
   tokenizer = dataset_tokenizer(data_cfg) if tokenizer is None else tokenizer
@@ -96,9 +98,9 @@ def train_iterator(data_cfg, *, tokenizer=None, batch_size: int, seed: int,
   ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(len(source)))
   ds = ds[shard_index::shard_count]
   ds = ds.shuffle(seed=shard_seed).repeat(None)
-  ds = ds.random_map(_TrainExample(data_cfg, tokenizer), seed=shard_seed)
+  ds = ds.random_map(example_fn or _TrainExample(data_cfg, tokenizer), seed=shard_seed)
   workers, prefetch = int(_opt(data_cfg, "num_workers", 0)), int(_opt(data_cfg, "prefetch", 2))
-  if source.may_skip:
+  if source.may_skip or example_fn is not None:
     # Unreadable images became None above: the iter dataset skips them, then batches.
     ds = _to_iter(ds, data_cfg, batch_size).batch(batch_size, drop_remainder=True)
   else:

@@ -48,11 +48,15 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+  """Bicubic resize of the shorter side to `size`; the longer side is
+  int(size * long / short), truncated as in torchvision and transformers'
+  CLIPImageProcessor (rounding would give a different crop for some shapes)."""
   w, h = image.size
   if min(w, h) == size:
     return image
-  scale = size / min(w, h)
-  new = (max(size, round(w * scale)), max(size, round(h * scale)))
+  short, long = min(w, h), max(w, h)
+  new_long = int(size * long / short)
+  new = (size, new_long) if w <= h else (new_long, size)
   return image.resize(new, Image.BICUBIC)
 
 

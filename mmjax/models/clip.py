@@ -40,7 +40,7 @@ class CLIPConfig:
 
 def forward_flops(cfg: CLIPConfig, batch_size: int = 1) -> float:
   """Forward FLOPs per image-text pair: both towers, projections, and its row of logits."""
-  d_img = vit.decode_variant(cfg.vision.variant)["width"]
+  d_img = cfg.vision.size["width"]
   d_txt = cfg.text.dims[0]
   proj = 2 * (d_img + d_txt) * cfg.embed_dim
   logits = 2 * batch_size * cfg.embed_dim

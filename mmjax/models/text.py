@@ -38,18 +38,33 @@ class TextConfig:
   scan: bool = True
   remat: str = "none"
   dtype: str = "float32"
+  # Explicit sizes (0 = the size's), for imported checkpoints whose dims are not
+  # in TEXT_SIZES; with width, depth and num_heads set, `size` may be "custom".
+  width: int = 0
+  depth: int = 0
+  num_heads: int = 0
+  mlp_dim: int = 0  # 0 = width * mlp_ratio
 
   @property
   def dims(self) -> tuple[int, int, int]:
+    explicit = (self.width, self.depth, self.num_heads)
+    if all(explicit):
+      return explicit
     if self.size not in TEXT_SIZES:
-      raise ValueError(f"unknown text tower size {self.size!r}; choose one of {list(TEXT_SIZES)}")
-    return TEXT_SIZES[self.size]
+      raise ValueError(f"unknown text tower size {self.size!r}; choose one of {list(TEXT_SIZES)} "
+                       f"or set width, depth and num_heads")
+    return tuple(e or d for e, d in zip(explicit, TEXT_SIZES[self.size]))
+
+  @property
+  def hidden_dim(self) -> int:
+    """The MLP's hidden width."""
+    return self.mlp_dim or self.dims[0] * self.mlp_ratio
 
 
 def forward_flops(cfg: TextConfig) -> float:
   """Forward FLOPs per text of `context_length` tokens (the embedding is a lookup)."""
   width, depth, heads = cfg.dims
-  return layers.stack_forward_flops(depth, cfg.context_length, width, width * cfg.mlp_ratio,
+  return layers.stack_forward_flops(depth, cfg.context_length, width, cfg.hidden_dim,
                                     num_heads=heads)
 
 
@@ -89,7 +104,7 @@ class TextTransformer(nn.Module):
     mask = layers.make_attention_mask(t, t, padding=padding, causal=True)
     x, _, _ = layers.Stack(
         depth=depth,
-        block_kwargs=dict(num_heads=heads, head_dim=width // heads, mlp_dim=width * cfg.mlp_ratio,
+        block_kwargs=dict(num_heads=heads, head_dim=width // heads, mlp_dim=cfg.hidden_dim,
                           act=cfg.act, norm_eps=cfg.norm_eps, dtype=dtype),
         scan=cfg.scan, remat=cfg.remat, name="encoder")(x, mask)
     x = layers.LayerNorm(cfg.norm_eps, dtype, name="final_norm")(x)

@@ -108,10 +108,24 @@ class ViTConfig:
   dtype: str = "float32"
   stem: str = "linear"  # linear | conv (hybrid stem)
   num_prefix_tokens: int = 1  # 1 = class token; 0 = none (gap / map pooling)
+  # Explicit sizes (0 = the variant's), for imported checkpoints whose dims are
+  # not in VIT_SIZES; with all four set the variant's SIZE may be "custom".
+  width: int = 0
+  depth: int = 0
+  mlp_dim: int = 0
+  num_heads: int = 0
 
   @property
   def size(self) -> dict[str, int]:
-    return decode_variant(self.variant)
+    explicit = {k: getattr(self, k) for k in ("width", "depth", "mlp_dim", "num_heads")}
+    if all(explicit.values()):
+      patch = self.variant.partition("/")[2]
+      if not patch.isdigit():
+        raise ValueError(f"ViT variant {self.variant!r} names no patch size, e.g. 'custom/14'")
+      return dict(explicit, patch_size=int(patch))
+    size = decode_variant(self.variant)
+    size.update({k: v for k, v in explicit.items() if v})
+    return size
 
   @property
   def num_patches(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, parallel
@@ -45,25 +46,37 @@ class _Preemption:
 
 
 def setup(config, workdir: str, devices=None):
-  """Mesh, task, optimizer and state shardings: what training and evaluation share."""
+  """Mesh, task, optimizer, state shardings and checkpointer: what training and
+  evaluation share."""
+  s = build(config, devices)
+  s["ckpt"] = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      keep=config.keep_checkpoints,
+                                      async_save=config.get("async_checkpoints", True))
+  return s
+
+
+def build(config, devices=None, task=None) -> dict[str, Any]:
+  """Mesh, task, optimizer and state shardings, touching no files (mmjax.plan
+  passes the devices of a TPU topology and a task built without data)."""
   mesh = parallel.make_mesh(config.mesh, devices)
   rules = parallel.rules_from_config(config.get("rules"))
   parallel.check_batch_size(config.batch_size, mesh)
-  task = tasks.build_task(config)
+  task = tasks.build_task(config) if task is None else task
   boxed = jax.eval_shape(lambda: task.init(jax.random.PRNGKey(config.seed)))
   mask = optim.trainable_mask(nn.meta.unbox(boxed), task.frozen)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, mask)
   abstract, shardings = step_lib.state_shardings(task, tx, config.seed, mesh, rules)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 keep=config.keep_checkpoints,
-                                 async_save=config.get("async_checkpoints", True))
   return dict(mesh=mesh, rules=rules, task=task, mask=mask, tx=tx, schedule=schedule,
-              abstract=abstract, shardings=shardings, ckpt=ckpt)
+              abstract=abstract, shardings=shardings)
 
 
 def restore_target(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  """Abstract arrays with their shardings. A frozen param's optimizer state is an
+  empty MaskedNode, for which the shardings tree holds a (prefix) sharding."""
+  def one(a, s):
+    return a if isinstance(a, optax.MaskedNode) else jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                          sharding=s)
+  return jax.tree.map(one, abstract, shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def train(config, workdir: str) -> dict[str, Any]:
@@ -76,14 +89,13 @@ def train(config, workdir: str) -> dict[str, Any]:
       f.write(config.to_json_best_effort(indent=2))
   s = setup(config, workdir)
   mesh, rules, task, ckpt = s["mesh"], s["rules"], s["task"], s["ckpt"]
-  n_proc = jax.process_count()
-  data = task.train_batches(config.batch_size // n_proc, config.seed)
+  data = train_data(task, config)
 
   start = ckpt.latest_step()
   if start is not None:
     state, data_state = ckpt.restore(restore_target(s["abstract"], s["shardings"]), start)
     if data_state is not None:
-      data.set_state(data_state)
+      data.set_state(_local_data_state(data_state))
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   else:
     with parallel.activate(mesh, rules):
@@ -143,7 +155,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
           if pending:  # never save params that produced a non-finite loss
             _check_finite(_reduce(pending[-1:]), step, ckpt)
-          ckpt.save(step, state, data.get_state(), force=True)
+          ckpt.save(step, state, _global_data_state(data.get_state()), force=True)
         if row:
           writer.write(step, row)
           last_logged = {"step": step, **row}
@@ -165,6 +177,86 @@ def train(config, workdir: str) -> dict[str, Any]:
   if is_main and step >= config.total_steps:
     metrics_lib.plot_report(workdir, title=f"{config.task}: {os.path.basename(workdir)}")
   return last_logged
+
+
+def train_data(task, config):
+  """This process's train batches: [batch_size / process_count, ...] per step.
+
+  With `data_shards` = S > 0 the data is read as S shards of batch_size / S rows
+  per step each; process p of P reads shards p*S/P .. (p+1)*S/P - 1 and stacks
+  them in order. The global batch (every shard, in shard order, over the
+  devices in mesh order) is then the same for every P that divides S, so a run
+  on 2 processes sees the batches of the same run on 1, and either resumes the
+  other's checkpoint. With 0, each process is one shard (S = P).
+  """
+  n_proc, shards = jax.process_count(), int(config.get("data_shards", 0) or 0)
+  if not shards:
+    return task.train_batches(config.batch_size // n_proc, config.seed)
+  if shards % n_proc or config.batch_size % shards:
+    raise ValueError(f"data_shards={shards} must be a multiple of the {n_proc} processes and "
+                     f"divide batch_size={config.batch_size}; change --config.data_shards")
+  first = jax.process_index() * (shards // n_proc)
+  return _ShardedBatches({i: task.train_batches(config.batch_size // shards, config.seed,
+                                                shard_index=i, shard_count=shards)
+                          for i in range(first, first + shards // n_proc)})
+
+
+class _ShardedBatches:
+  """Several data shards read in lock step, their batches stacked in shard order."""
+
+  def __init__(self, iterators: dict[int, Any]):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self.iterators.values()]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": {str(i): it.get_state() for i, it in self.iterators.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    saved = state.get("shards", {})
+    missing = sorted(set(map(str, self.iterators)) - set(saved))
+    if missing:
+      raise ValueError(f"the checkpoint's data state has no shards {missing} (it has "
+                       f"{sorted(saved, key=int)}); resume with the data_shards it was saved with")
+    for i, it in self.iterators.items():
+      it.set_state(saved[str(i)])
+
+  def close(self) -> None:
+    for it in self.iterators.values():
+      if hasattr(it, "close"):
+        it.close()
+
+
+def _global_data_state(state: dict[str, Any]) -> dict[str, Any]:
+  """Every process's data state in one (Orbax writes JSON from process 0 only)."""
+  if jax.process_count() == 1:
+    return state
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([raw.size])).ravel()
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = multihost_utils.process_allgather(padded)
+  states = [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+  if all("shards" in s for s in states):
+    return {"shards": {k: v for s in states for k, v in s["shards"].items()}}
+  return {"processes": states}
+
+
+def _local_data_state(state: dict[str, Any]) -> dict[str, Any]:
+  """This process's part of a state written by `_global_data_state`."""
+  if "processes" not in state:
+    return state
+  if len(state["processes"]) != jax.process_count():
+    raise ValueError(
+        f"the checkpoint's data state is from {len(state['processes'])} processes, this run has "
+        f"{jax.process_count()}: their batches differ. Set --config.data_shards (a multiple of "
+        f"both counts) before the first run to resume across process counts")
+  return state["processes"][jax.process_index()]
 
 
 def _reduce(rows: list[dict]) -> dict[str, float]:

@@ -2,12 +2,14 @@
 
 The step and the loop are shared; a Task says only what differs. A Task has:
   __init__(config)                    built from the whole experiment config
+                                      (with_data=False: no tokenizer or data, for mmjax.plan)
   init(rng) -> params                 boxed (logical names) params of the model
   batch_keys                          the batch entries the step reads
   batch_spec(global_batch) -> dict    ShapeDtypeStructs of those entries
   loss(params, batch, rng) -> (loss, aux dict of scalars)   traced inside jit
   frozen                              regexes ('vision/.*') of params that do not train
   train_batches(per_process_batch, seed) -> iterator with get_state / set_state
+                                      (and shard_index=, shard_count= for data_shards)
   evaluate(params, mesh, rules) -> dict of floats   (logged as eval/<key>)
   flops_per_example() -> float        training FLOPs, for MFU
   initial_params(params, shardings) -> params       optional: start from other runs
@@ -21,7 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from mmjax import losses, parallel
+from mmjax import collective_losses, losses, parallel
 from mmjax.data import pipeline
 from mmjax.eval import clip as clip_eval
 from mmjax.models import clip as clip_lib
@@ -42,7 +44,8 @@ def register(name: str):
 FAMILY_MODULES = ("mmjax.train.llava_tasks", "mmjax.train.vit_tasks")
 
 
-def build_task(config):
+def build_task(config, **kwargs):
+  """The config's Task; kwargs go to its constructor (with_data=False: see CLIPTask)."""
   if config.task not in TASKS:
     import importlib
     for module in FAMILY_MODULES:
@@ -53,7 +56,7 @@ def build_task(config):
           raise
   if config.task not in TASKS:
     raise ValueError(f"unknown task {config.task!r} in config; known: {sorted(TASKS)}")
-  return TASKS[config.task](config)
+  return TASKS[config.task](config, **kwargs)
 
 
 def _dataclass_from(cls, cfg, **overrides):
@@ -73,25 +76,47 @@ class CLIPTask:
 
   batch_keys = ("image", "text")
 
-  def __init__(self, config):
+  def __init__(self, config, with_data: bool = True):
+    """with_data=False: from the config alone, no tokenizer or dataset (AOT
+    planning); the vocabulary size is then model.text.vocab_size."""
     self.config = config
     self.data_cfg = config.data
-    self.tokenizer = pipeline.dataset_tokenizer(config.data)
     m = config.model
+    self.tokenizer = pipeline.dataset_tokenizer(config.data) if with_data else None
+    if self.tokenizer is not None:
+      # An imported checkpoint names its own EOS id (the one its text tower pools at).
+      token_ids = dict(vocab_size=m.text.get("vocab_size") or self.tokenizer.vocab_size,
+                       eos_id=m.text.get("eos_id", self.tokenizer.eos_id),
+                       pad_id=m.text.get("pad_id", self.tokenizer.pad_id))
+    elif m.text.get("vocab_size"):
+      token_ids = dict(vocab_size=m.text.vocab_size)
+    else:
+      raise ValueError("CLIPTask without data needs --config.model.text.vocab_size "
+                       "(49408 for OpenAI's BPE)")
     text_cfg = _dataclass_from(
-        TextConfig, m.text, vocab_size=m.text.get("vocab_size") or self.tokenizer.vocab_size,
-        context_length=config.data.context_length, eos_id=self.tokenizer.eos_id,
-        pad_id=self.tokenizer.pad_id, dtype=m.dtype, scan=m.scan, remat=m.remat)
+        TextConfig, m.text, **token_ids, context_length=config.data.context_length,
+        dtype=m.dtype, scan=m.scan, remat=m.remat)
     vision_cfg = _dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
                                  dtype=m.dtype, scan=m.scan, remat=m.remat)
     self.model_config = clip_lib.CLIPConfig(vision=vision_cfg, text=text_cfg,
                                             embed_dim=m.embed_dim, loss=m.loss)
     self.model = clip_lib.CLIP(self.model_config)
-    self.frozen = tuple(config.optim.get("frozen", ()) or ())
+    self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
 
   def init(self, rng):
     s, t = self.data_cfg.image_size, self.data_cfg.context_length
     return self.model.init(rng, jnp.zeros((1, s, s, 3)), jnp.zeros((1, t), jnp.int32))["params"]
+
+  def initial_params(self, params, shardings):
+    """`init.clip_workdir`: start from all params of another CLIP workdir (a run,
+    or one written by `python -m mmjax.convert`) whose model matches this one."""
+    source = (self.config.get("init") or {}).get("clip_workdir")
+    if not source:
+      return params
+    from mmjax import checkpoint
+    target = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                          params, shardings)
+    return checkpoint.restore_subtree(source, ("params",), target)
 
   def batch_spec(self, batch_size: int) -> dict:
     s, t = self.data_cfg.image_size, self.data_cfg.context_length
@@ -101,12 +126,14 @@ class CLIPTask:
   def loss(self, params, batch, rng):
     del rng
     out = self.model.apply({"params": params}, batch["image"], batch["text"])
+    chunked = self.config.model.get("chunked_loss", False)  # B x B logits split over devices
     if self.model_config.loss == "sigmoid":
-      loss, _ = losses.siglip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"],
-                                   out["logit_bias"])
+      fn = collective_losses.chunked_siglip_loss if chunked else losses.siglip_loss
+      loss, _ = fn(out["image_embeds"], out["text_embeds"], out["logit_scale"],
+                   out["logit_bias"])
     else:
-      loss, _ = losses.clip_softmax_loss(out["image_embeds"], out["text_embeds"],
-                                         out["logit_scale"])
+      fn = collective_losses.chunked_clip_softmax_loss if chunked else losses.clip_softmax_loss
+      loss, _ = fn(out["image_embeds"], out["text_embeds"], out["logit_scale"])
     aux = {"temperature": 1.0 / out["logit_scale"], "logit_scale": out["logit_scale"]}
     if "logit_bias" in out:
       aux["logit_bias"] = out["logit_bias"]
@@ -116,9 +143,10 @@ class CLIPTask:
     """Training FLOPs per pair: 3 x forward (a frozen tower would count once)."""
     return 3 * clip_lib.forward_flops(self.model_config, self.config.batch_size)
 
-  def train_batches(self, batch_size: int, seed: int):
+  def train_batches(self, batch_size: int, seed: int, **shard):
+    """shard: shard_index / shard_count (default: this process of all processes)."""
     return pipeline.train_iterator(self.data_cfg, tokenizer=self.tokenizer,
-                                   batch_size=batch_size, seed=seed)
+                                   batch_size=batch_size, seed=seed, **shard)
 
   # -- evaluation ---------------------------------------------------------
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# N JAX processes on this machine, each with D CPU devices: a multi-host run in
+# miniature (the coordinator on 127.0.0.1, CPU collectives over gloo).
+#
+#   launch/multiprocess_local.sh N D [train flags...]
+#   launch/multiprocess_local.sh 2 4 --config=experiments/clip_shapes.py:runlocal=true \
+#       --workdir=runs/mp --config.mesh.preset=fsdp --config.data_shards=8
+#
+# Every process runs `python -m ${MMJAX_MODULE:-mmjax.train} [flags]` with
+# MMJAX_COORDINATOR / MMJAX_NUM_PROCESSES / MMJAX_PROCESS_ID set, which
+# mmjax.distributed hands to jax.distributed.initialize. Process 0 prints to this
+# terminal; every process logs to $MMJAX_LOG_DIR/process_I.log (default: a new
+# temporary folder, printed). When one process fails the others are stopped (a
+# missing peer would otherwise wait for JAX's timeout), and the exit status is
+# the first failure's. MMJAX_PORT picks the coordinator port (default: a free one).
+set -euo pipefail
+if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ || ! "$2" =~ ^[0-9]+$ ]]; then
+  echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS [train flags...]" >&2
+  exit 2
+fi
+num=$1 devices=$2
+shift 2
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+port=${MMJAX_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+logs=${MMJAX_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/mmjax-mp.XXXXXX")}
+mkdir -p "$logs"
+echo "multiprocess_local: $num processes x $devices CPU devices, coordinator 127.0.0.1:$port, logs in $logs" >&2
+
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap 'stop_all; exit 143' TERM INT
+
+for ((i = 0; i < num; i++)); do
+  log="$logs/process_$i.log"
+  (
+    export MMJAX_COORDINATOR="127.0.0.1:$port" MMJAX_NUM_PROCESSES="$num" MMJAX_PROCESS_ID="$i"
+    export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
+    export XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
+    if [[ $i -eq 0 ]]; then
+      exec "$PYTHON" -m "${MMJAX_MODULE:-mmjax.train}" "$@" > >(tee "$log") 2>&1
+    else
+      exec "$PYTHON" -m "${MMJAX_MODULE:-mmjax.train}" "$@" > "$log" 2>&1
+    fi
+  ) &
+  pids+=($!)
+done
+
+status=0
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  wait -n -p done_pid "${running[@]}" && rc=0 || rc=$?
+  still=()
+  for pid in "${running[@]}"; do [[ "$pid" != "$done_pid" ]] && still+=("$pid"); done
+  running=("${still[@]}")
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then
+    status=$rc
+    for ((i = 0; i < num; i++)); do
+      if [[ "${pids[$i]}" == "$done_pid" ]]; then
+        echo "multiprocess_local: process $i exited with status $rc; stopping the others." \
+          "The end of $logs/process_$i.log:" >&2
+        tail -n 30 "$logs/process_$i.log" >&2
+      fi
+    done
+    stop_all
+  fi
+done
+exit $status

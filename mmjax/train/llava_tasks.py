@@ -1,0 +1,500 @@
+"""The LLaVA family's Tasks: "lm" (decoder LM pretraining on text) and "llava"
+(stage 1: align the projector; stage 2: instruction tuning). Both run on the
+shared step and loop; they differ in their loss, their frozen params and their
+data (see `mmjax.train.tasks` for the protocol).
+
+Later stages start from earlier runs through `initial_params`: `init.clip_workdir`
+(the vision tower: a CLIP run's params/vision), `init.lm_workdir` (the LLM: an
+"lm" run's params) and `init.stage1_workdir` (vision, projector and LLM of a
+stage-1 run), each the latest checkpoint of that workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmjax import checkpoint, losses, parallel
+from mmjax.data import instruct, pipeline, transforms
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.eval import generate as generate_lib
+from mmjax.eval import vqa
+from mmjax.models import llava as llava_lib
+from mmjax.models import llm as llm_lib
+from mmjax.models.vit import ViTConfig
+from mmjax.train import tasks
+
+
+# ---------------------------------------------------------------------------
+# Data resolution shared by both tasks
+
+
+def resolve_data(data_cfg) -> ml_collections.ConfigDict:
+  """An unlocked copy of `data` with the instruction files filled in.
+
+  With `data.instruct` settings (the shapes scenes), the dataset is written
+  once into `data.instruct_dir` (default: a cache folder named by the
+  settings) and json_path / eval_json_path / image_folder / tokenizer point
+  into it; explicit values win.
+  """
+  cfg = ml_collections.ConfigDict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict")
+                                  else dict(data_cfg))
+  settings = cfg.get("instruct")
+  if settings:
+    folder = instruct.prepare(cfg.get("instruct_dir"), **settings.to_dict())
+    cfg.instruct_dir = folder
+    cfg.image_folder = cfg.get("image_folder") or folder
+    cfg.tokenizer = cfg.get("tokenizer") or os.path.join(folder, "tokenizer.model")
+  return cfg
+
+
+def _path(cfg, key: str, default_name: str) -> str:
+  value = cfg.get(key)
+  if value:
+    return value
+  if cfg.get("instruct_dir"):
+    return os.path.join(cfg.instruct_dir, default_name)
+  raise ValueError(f"set data.{key} (a LLaVA JSON file) or data.instruct (the shapes settings)")
+
+
+def _tokenizer(cfg):
+  if not cfg.get("tokenizer"):
+    raise ValueError("set data.tokenizer (a sentencepiece .model or tokenizer.json)")
+  return tokenizer_lib.load_tokenizer(cfg.tokenizer)
+
+
+def _template(cfg) -> instruct.Template:
+  return instruct.get_template(cfg.template, cfg.get("system_prompt"))
+
+
+# ---------------------------------------------------------------------------
+# "lm": decoder LM pretraining on packed text
+
+
+@tasks.register("lm")
+class LMTask:
+  """Next-token prediction on the text of the instruction data (captions,
+  questions and answers, without images), documents packed into rows."""
+
+  batch_keys = ("tokens", "labels", "segments", "positions")
+
+  def __init__(self, config, with_data: bool = True):
+    self.config = config
+    self.data_cfg = resolve_data(config.data) if with_data else config.data
+    self.tokenizer = _tokenizer(self.data_cfg) if with_data else None
+    m = config.model
+    vocab = m.llm.get("vocab_size") or (self.tokenizer.vocab_size if self.tokenizer else 0)
+    if not vocab:
+      raise ValueError("LMTask without data needs --config.model.llm.vocab_size")
+    self.model_config = _llm_config(m, vocab)
+    self.model = llm_lib.LLM(self.model_config)
+    self.seq_len = int(config.data.seq_len)
+    self.frozen = tuple(config.optim.get("frozen", ()) or ())
+
+  def init(self, rng):
+    return self.model.init(rng, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
+
+  def batch_spec(self, batch_size: int) -> dict:
+    return {k: jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)
+            for k in self.batch_keys}
+
+  def loss(self, params, batch, rng):
+    del rng
+    segments = batch["segments"]
+    mask = llm_lib.causal_mask(segments > 0, segment_ids=segments)
+    logits, _ = self.model.apply({"params": params}, batch["tokens"],
+                                 positions=batch["positions"], mask=mask)
+    loss, count = losses.next_token_loss(logits[:, :-1], batch["labels"][:, 1:])
+    return loss, {"tokens": count.astype(jnp.float32)}
+
+  def flops_per_example(self) -> float:
+    return 3 * llm_lib.forward_flops(self.model_config, self.seq_len)
+
+  def _documents(self, split: str) -> list[np.ndarray]:
+    cfg = self.data_cfg
+    if split == "train":
+      files = [(_path(cfg, "caption_json_path", "captions.json"), "plain"),
+               (_path(cfg, "json_path", "instruct.json"), cfg.template)]
+    else:
+      files = [(_path(cfg, "caption_eval_json_path", "captions_eval.json"), "plain"),
+               (_path(cfg, "eval_json_path", "vqa_eval.json"), cfg.template)]
+    docs = []
+    for path, template_name in files:
+      template = instruct.get_template(template_name, cfg.get("system_prompt")
+                                       if template_name != "plain" else None)
+      for r in instruct.load_json(path):
+        tokens, _ = instruct.tokenize(r["conversations"], self.tokenizer, template,
+                                      max_len=self.seq_len, sample_id=r.get("id", "?"))
+        docs.append(tokens)
+    return docs
+
+  def train_batches(self, batch_size: int, seed: int, shard_index: int | None = None,
+                    shard_count: int | None = None):
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    docs = self._documents("train")[shard_index::shard_count]
+    return PackedText(docs, batch_size, self.seq_len, seed=seed + 1000 * shard_index,
+                      pad_id=self.tokenizer.pad_id)
+
+  def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    if not hasattr(self, "_eval_rows"):
+      self._eval_rows = pack_all(self._documents("eval"), int(self.config.eval.batch_size),
+                                 self.seq_len, self.tokenizer.pad_id)
+      self._eval_loss = jax.jit(lambda p, b: _sum_loss(self, p, b))
+    total, count = 0.0, 0.0
+    with parallel.activate(mesh, rules):
+      for batch in self._eval_rows:
+        s, c = self._eval_loss(params, batch)
+        total, count = total + float(s), count + float(c)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _sum_loss(task: LMTask, params, batch):
+  loss, aux = task.loss(params, batch, None)
+  return loss * aux["tokens"], aux["tokens"]
+
+
+def _llm_config(m, vocab: int) -> llm_lib.LLMConfig:
+  overrides = {k: v for k, v in m.llm.to_dict().items() if k not in ("size", "vocab_size")}
+  return llm_lib.llm_config(m.llm.size, vocab_size=vocab, dtype=m.dtype, scan=m.scan,
+                            remat=m.remat, **overrides)
+
+
+class PackedText:
+  """Documents (token arrays starting with BOS) packed greedily into rows of
+  `seq_len`, reshuffled every epoch. Batches: tokens, labels (-100 at each
+  document's first token and at padding), segments (1, 2, ... per document in
+  a row, 0 = padding) and positions (restarting at 0 per document).
+  Checkpointable: the state is (epoch, next document)."""
+
+  def __init__(self, docs: list[np.ndarray], batch_size: int, seq_len: int, *, seed: int,
+               pad_id: int = 0):
+    if not docs:
+      raise ValueError("no documents to pack")
+    self.docs = [d[:seq_len] for d in docs]
+    self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
+    self.epoch, self.cursor = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
+
+  def __iter__(self):
+    return self
+
+  def _peek(self) -> np.ndarray:
+    if self.cursor >= len(self._order):
+      self.epoch, self.cursor = self.epoch + 1, 0
+      self._order = self._permutation(self.epoch)
+    return self.docs[int(self._order[self.cursor])]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = []
+    for _ in range(self.batch_size):
+      row = []
+      while sum(map(len, row)) + len(self._peek()) <= self.seq_len or not row:
+        row.append(self._peek())
+        self.cursor += 1
+      rows.append(row)
+    return pack_rows(rows, self.seq_len, self.pad_id)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+            "batch_size": self.batch_size}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key in ("seed", "batch_size"):
+      if state[key] != getattr(self, key):
+        raise ValueError(f"data state saved with {key}={state[key]}, this run has "
+                         f"{getattr(self, key)}: it would not resume to the same batches")
+    self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+    self._order = self._permutation(self.epoch)
+
+
+def pack_rows(rows: list[list[np.ndarray]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Rows of documents -> {tokens, labels, segments, positions} [len(rows), seq_len]."""
+  n = len(rows)
+  out = {"tokens": np.full((n, seq_len), pad_id, np.int32),
+         "labels": np.full((n, seq_len), losses.IGNORE_INDEX, np.int32),
+         "segments": np.zeros((n, seq_len), np.int32),
+         "positions": np.zeros((n, seq_len), np.int32)}
+  for i, row in enumerate(rows):
+    used = 0
+    for seg, doc in enumerate(row, start=1):
+      doc = doc[:seq_len - used]
+      k = len(doc)
+      out["tokens"][i, used:used + k] = doc
+      out["labels"][i, used + 1:used + k] = doc[1:]  # never predict across documents
+      out["segments"][i, used:used + k] = seg
+      out["positions"][i, used:used + k] = np.arange(k)
+      used += k
+  return out
+
+
+def pack_all(docs: list[np.ndarray], batch_size: int, seq_len: int,
+             pad_id: int) -> list[dict[str, np.ndarray]]:
+  """Every document once, in order; the last batch is filled with empty rows."""
+  rows, row = [], []
+  for doc in docs:
+    doc = doc[:seq_len]
+    if row and sum(map(len, row)) + len(doc) > seq_len:
+      rows.append(row)
+      row = []
+    row.append(doc)
+  rows.append(row)
+  rows += [[] for _ in range(-len(rows) % batch_size)]
+  return [pack_rows(rows[i:i + batch_size], seq_len, pad_id)
+          for i in range(0, len(rows), batch_size)]
+
+
+# ---------------------------------------------------------------------------
+# "llava": stage 1 (align) and stage 2 (instruction tuning)
+
+
+class LlavaExample(grain.transforms.RandomMap):
+  """A LLaVA record -> {image, tokens, labels}; None (skipped) without an image."""
+
+  def __init__(self, tokenizer, template: instruct.Template, max_len: int, image_size: int,
+               normalize: str = "clip", pad_square: bool = False):
+    self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
+    self.image_size, self.normalize, self.pad_square = image_size, normalize, pad_square
+
+  def random_map(self, item, rng):
+    del rng
+    _, example = item
+    if example["bad"] or example["image"] is None:
+      return None
+    return self.make(example["image"], json.loads(example["conversations"]), example["id"])
+
+  def make(self, image, conversations, sample_id="?") -> dict[str, np.ndarray]:
+    tokens, labels = instruct.tokenize(conversations, self.tokenizer, self.template,
+                                       max_len=self.max_len, sample_id=sample_id)
+    return {"image": transforms.preprocess_image(image, self.image_size, self.normalize,
+                                                 pad_square=self.pad_square),
+            "tokens": instruct.pad_to(tokens, self.max_len, self.tokenizer.pad_id),
+            "labels": instruct.pad_to(labels, self.max_len, losses.IGNORE_INDEX)}
+
+
+@tasks.register("llava")
+class LLaVATask:
+  """Stage 1 (`stage=1`, template "plain", captions): only the projector trains.
+  Stage 2 (`stage=2`, template vicuna_v1, instructions): projector and LLM train.
+  Which params train is the config's `optim.frozen` list."""
+
+  batch_keys = ("image", "tokens", "labels")
+
+  def __init__(self, config, with_data: bool = True):
+    self.config = config
+    self.stage = int(config.stage)
+    self.data_cfg = resolve_data(config.data) if with_data else config.data
+    self.tokenizer = _tokenizer(self.data_cfg) if with_data else None
+    m = config.model
+    vocab = m.llm.get("vocab_size") or (self.tokenizer.vocab_size if self.tokenizer else 0)
+    if not vocab:
+      raise ValueError("LLaVATask without data needs --config.model.llm.vocab_size")
+    vision = tasks._dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
+                                   dtype=m.dtype, scan=m.scan, remat=m.remat)
+    self.model_config = llava_lib.LLaVAConfig(
+        vision=vision, llm=_llm_config(m, vocab), projector=m.projector,
+        feature_layer=m.feature_layer, keep_cls=m.keep_cls, image_token_id=m.image_token_id,
+        pad_id=self.tokenizer.pad_id if self.tokenizer else 0)
+    self.model = llava_lib.LLaVA(self.model_config)
+    self.max_len = int(config.data.max_len)
+    self.frozen = tuple(config.optim.get("frozen", ()) or ())
+    self.template = _template(self.data_cfg)
+    self._untrained_caption_loss = None
+
+  # -- model ----------------------------------------------------------------
+
+  def _dummy_inputs(self, batch: int = 1):
+    s = self.config.data.image_size
+    ids = jnp.zeros((batch, self.max_len), jnp.int32).at[:, 1].set(self.model_config.image_token_id)
+    return jnp.zeros((batch, s, s, 3), jnp.float32), ids
+
+  def init(self, rng):
+    return self.model.init(rng, *self._dummy_inputs())["params"]
+
+  def batch_spec(self, batch_size: int) -> dict:
+    s = self.config.data.image_size
+    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+            "tokens": jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.int32),
+            "labels": jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.int32)}
+
+  def loss(self, params, batch, rng):
+    del rng
+    logits, out = self.model.apply({"params": params}, batch["image"], batch["tokens"])
+    labels = llava_lib.splice_labels(batch["labels"], out["plan"])
+    loss, count = losses.next_token_loss(logits[:, :-1], labels[:, 1:])
+    return loss, {"tokens": count.astype(jnp.float32)}
+
+  def flops_per_example(self) -> float:
+    vision, proj, lm = llava_lib.forward_flops(self.model_config, self.max_len)
+    # The frozen tower runs forward only; a frozen LLM still back-propagates to
+    # its inputs (about one more forward) so that the projector gets gradients.
+    lm_factor = 3 if self.stage >= 2 else 2
+    return vision + 3 * proj + lm_factor * lm
+
+  # -- data -----------------------------------------------------------------
+
+  def _example_fn(self) -> LlavaExample:
+    t = self.data_cfg.transforms
+    return LlavaExample(self.tokenizer, self.template, self.max_len, self.data_cfg.image_size,
+                        t.normalize, bool(t.pad_to_square))
+
+  def train_batches(self, batch_size: int, seed: int, **shard):
+    cfg = ml_collections.ConfigDict(self.data_cfg.to_dict())
+    default = "captions.json" if self.stage == 1 else "instruct.json"
+    cfg.json_path = _path(self.data_cfg, "json_path", default)
+    cfg.name = "llava"
+    return pipeline.train_iterator(cfg, tokenizer=self.tokenizer, batch_size=batch_size,
+                                   seed=seed, example_fn=self._example_fn(), **shard)
+
+  # -- starting from earlier runs ---------------------------------------------
+
+  def initial_params(self, params, shardings):
+    init = self.config.get("init") or {}
+    params = dict(params)
+    sources = []
+    if init.get("stage1_workdir"):
+      sources += [(init.stage1_workdir, k, k) for k in ("vision", "projector", "llm")]
+    if init.get("clip_workdir"):
+      sources.append((init.clip_workdir, "vision", "vision"))
+    if init.get("lm_workdir"):
+      sources.append((init.lm_workdir, None, "llm"))
+    for workdir, src, dst in sources:
+      path = ("params",) + ((src,) if src else ())
+      target = _with_shardings(params[dst], shardings[dst])
+      params[dst] = checkpoint.restore_subtree(workdir, path, target)
+      logging.info("loaded params/%s from %s (%s)", dst, workdir, "/".join(path))
+    if not sources:
+      logging.warning("llava stage %d starts from random weights: set init.clip_workdir, "
+                      "init.lm_workdir or init.stage1_workdir", self.stage)
+    if self.stage == 1 and self.config.eval_every:
+      # The frozen LM's caption loss with the untrained projector: stage 1's baseline.
+      self._untrained_caption_loss = self._caption_loss(params)["caption_loss"]
+    return params
+
+  # -- evaluation -------------------------------------------------------------
+
+  def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    with parallel.activate(mesh, rules):
+      if self.stage == 1:
+        out = self._caption_loss(params)
+        if self._untrained_caption_loss is not None:
+          out["caption_loss_untrained_projector"] = self._untrained_caption_loss
+        return out
+      return self.vqa(params)
+
+  def _caption_batches(self):
+    if not hasattr(self, "_captions"):
+      cfg = self.data_cfg
+      path = _path(cfg, "caption_eval_json_path", "captions_eval.json")
+      records = instruct.load_json(path)[:int(self.config.eval.get("num_captions", 256))]
+      fn = LlavaExample(self.tokenizer, instruct.get_template("plain"), self.max_len,
+                        cfg.image_size, cfg.transforms.normalize, bool(cfg.transforms.pad_to_square))
+      rows = [fn.make(_read_image(cfg, r["image"]), r["conversations"], r["id"]) for r in records]
+      bs = int(self.config.eval.batch_size)
+      self._captions = [
+          {k: np.stack([r[k] for r in rows[i:i + bs]]) for k in rows[0]}
+          for i in range(0, len(rows), bs)]
+      image_id = self.model_config.image_token_id
+
+      def sums(p, b, blind):
+        tokens = jnp.where(blind & (b["tokens"] == image_id), self.tokenizer.pad_id, b["tokens"])
+        loss, aux = self.loss(p, {**b, "tokens": tokens}, None)
+        return loss * aux["tokens"], aux["tokens"]
+
+      self._caption_sums = jax.jit(sums)  # blind is traced: one compilation for both
+    return self._captions
+
+  def _caption_loss(self, params) -> dict[str, float]:
+    """Caption loss of held-out captions (stage 1's format), with and without the image."""
+    out = {}
+    for blind, key in ((False, "caption_loss"), (True, "caption_loss_no_image")):
+      total = count = 0.0
+      for batch in self._caption_batches():
+        s, c = self._caption_sums(params, batch, jnp.asarray(blind))
+        total, count = total + float(s), count + float(c)
+      out[key] = total / max(count, 1.0)
+    out["caption_perplexity"] = math.exp(min(out["caption_loss"], 50.0))
+    return out
+
+  def generator(self, max_new_tokens: int):
+    """(embed_fn, generate_fn) for prompts of this model, jitted once per size."""
+    key = ("_generator", max_new_tokens)
+    if not hasattr(self, "_generators"):
+      self._generators = {}
+    if key not in self._generators:
+      model = self.model
+      embed = jax.jit(lambda p, img, ids: model.apply(
+          {"params": p}, img, ids, method=llava_lib.LLaVA.embed_inputs))
+      gen = generate_lib.make_generate(llm_lib.LLM(self.model_config.llm), max_new_tokens,
+                                       self.tokenizer.eos_id, self.tokenizer.pad_id)
+      self._generators[key] = (embed, gen)
+    return self._generators[key]
+
+  def answer(self, params, images: np.ndarray, conversations: list[list[dict]], *,
+             max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, prompt_len: int | None = None) -> list[str]:
+    """The assistant's next answer for each (image, conversation ending with a question)."""
+    prompts = [instruct.tokenize(c, self.tokenizer, self.template)[0] for c in conversations]
+    length = prompt_len or max(len(p) for p in prompts)
+    if max(len(p) for p in prompts) > length:
+      raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens exceeds {length}")
+    ids = np.stack([instruct.pad_to(p, length, self.tokenizer.pad_id) for p in prompts])
+    embed, gen = self.generator(max_new_tokens)
+    embeds, plan = embed(params, jnp.asarray(images), jnp.asarray(ids))
+    tokens = gen(params["llm"], embeds, plan["valid"], jax.random.PRNGKey(seed),
+                 temperature, top_p)
+    return [self.tokenizer.decode(t) for t in generate_lib.trim(
+        tokens, self.tokenizer.eos_id, self.tokenizer.pad_id)]
+
+  def vqa(self, params) -> dict[str, float]:
+    """Exact-match accuracy on the held-out questions, overall and per type."""
+    cfg = self.data_cfg
+    if not hasattr(self, "_vqa_records"):
+      path = _path(cfg, "eval_json_path", "vqa_eval.json")
+      records = instruct.load_json(path)[:int(self.config.eval.get("num_questions", 100000))]
+      self._vqa_records = records
+      self._vqa_images = np.stack([
+          transforms.preprocess_image(_read_image(cfg, r["image"]), cfg.image_size,
+                                      cfg.transforms.normalize,
+                                      pad_square=bool(cfg.transforms.pad_to_square))
+          for r in records])
+    records = self._vqa_records
+    bs = int(self.config.eval.batch_size)
+    predictions = []
+    for i in range(0, len(records), bs):
+      chunk = records[i:i + bs]
+      convs = [r["conversations"][:1] for r in chunk]
+      images = self._vqa_images[i:i + bs]
+      pad = bs - len(chunk)
+      if pad:  # one shape for every batch: one compilation
+        convs += [convs[-1]] * pad
+        images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+      predictions += self.answer(params, images, convs, prompt_len=self.max_len,
+                                 max_new_tokens=int(self.config.eval.get("max_new_tokens", 8)))[
+                                     :len(chunk)]
+    self.last_predictions = predictions
+    return vqa.accuracy(predictions, [r["answer"] for r in records],
+                        [r.get("question_type", "all") for r in records])
+
+
+def _with_shardings(params, shardings):
+  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                      params, shardings)
+
+
+def _read_image(cfg, relpath: str) -> np.ndarray:
+  with open(os.path.join(cfg.image_folder or "", relpath), "rb") as f:
+    return transforms.decode(f.read())

@@ -1,0 +1,227 @@
+"""LLaVA: image features land exactly at the placeholder, masks and positions per
+row, the projector and feature layer, frozen params, and the stages end to end
+through the shared loop (with loading from earlier workdirs)."""
+
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import llava_shapes, lm_shapes
+from mmjax import checkpoint
+from mmjax.models import llava as llava_lib, llm as llm_lib
+from mmjax.models.vit import ViTConfig
+from mmjax.train import loop, optim, step as step_lib
+
+from conftest import init_params
+
+IMG = 4
+TINY = llava_lib.LLaVAConfig(
+    vision=ViTConfig(variant="tiny/8", image_size=16, pre_norm=True, norm_eps=1e-5, pool="none"),
+    llm=llm_lib.llm_config("tiny", vocab_size=40), image_token_id=IMG)
+N = TINY.num_image_tokens  # 4 patches
+
+
+def test_splice_puts_features_exactly_at_the_placeholder():
+  ids = jnp.array([[1, 4, 10, 11, 0, 0],    # image first, right padding
+                   [0, 0, 1, 12, 4, 13],    # left padding, image in the middle
+                   [1, 14, 15, 16, 17, 4],  # image last
+                   [1, 18, 19, 0, 0, 0]])   # no image
+  valid_text = ids != 0
+  plan = llava_lib.splice_plan(ids, IMG, N, valid_text)
+  b, t = ids.shape
+  text = jnp.broadcast_to(ids[..., None].astype(jnp.float32), (b, t, 3))
+  image = jnp.broadcast_to(100 + jnp.arange(N, dtype=jnp.float32)[None, :, None], (b, N, 3))
+  image = image + 1000 * jnp.arange(b)[:, None, None]
+  out = np.asarray(llava_lib.splice_embeddings(text, image, plan))[..., 0]
+  assert out.shape == (b, t - 1 + N)
+  patch = lambda r: [1000 * r + 100 + i for i in range(N)]
+  np.testing.assert_array_equal(out[0], [1, *patch(0), 10, 11, 0, 0])
+  np.testing.assert_array_equal(out[1], [0, 0, 1, 12, *patch(1), 13])
+  np.testing.assert_array_equal(out[2], [1, 14, 15, 16, 17, *patch(2)])
+  np.testing.assert_array_equal(out[3], [1, 18, 19, 0, 0, 0, 0, 0, 0])
+  valid = np.asarray(plan["valid"])
+  np.testing.assert_array_equal(valid[0], [1] * 7 + [0, 0])
+  np.testing.assert_array_equal(valid[1], [0, 0] + [1] * 7)
+  np.testing.assert_array_equal(valid[3], [1, 1, 1] + [0] * 6)
+  positions = np.asarray(llm_lib.positions_from_valid(plan["valid"]))
+  np.testing.assert_array_equal(positions[1], [0, 0, 0, 1, 2, 3, 4, 5, 6])
+  # Labels follow their tokens; image slots and padding are ignored.
+  labels = jnp.where(ids == 0, -100, ids + 50)
+  got = np.asarray(llava_lib.splice_labels(labels, plan))
+  np.testing.assert_array_equal(got[0], [51, -100, -100, -100, -100, 60, 61, -100, -100])
+  np.testing.assert_array_equal(got[2], [51, 64, 65, 66, 67, -100, -100, -100, -100])
+
+
+def test_a_row_is_the_same_wherever_it_sits_in_the_batch():
+  model = llava_lib.LLaVA(TINY)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  row = jnp.array([1, 20, 4, 21, 22])
+  ids = jnp.stack([jnp.concatenate([row, jnp.zeros(3, jnp.int32)]),      # right padded
+                   jnp.concatenate([jnp.zeros(3, jnp.int32), row])])     # left padded
+  params = init_params(model, images, ids)
+  apply = jax.jit(model.apply)
+  same_image = jnp.stack([images[0], images[0]])
+  logits, out = apply({"params": params}, same_image, ids)
+  valid = np.asarray(out["plan"]["valid"])
+  a, b = np.asarray(logits[0])[valid[0]], np.asarray(logits[1])[valid[1]]
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # Beside another row with its image elsewhere, the row is unchanged.
+  other = jnp.array([1, 4, 23, 24, 25, 26, 27, 28])
+  mixed, out2 = apply({"params": params}, images, jnp.stack([ids[0], other]))
+  np.testing.assert_allclose(np.asarray(mixed[0])[np.asarray(out2["plan"]["valid"])[0]], a,
+                             rtol=1e-4, atol=1e-5)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_features_are_the_projected_penultimate_layer():
+  model = llava_lib.LLaVA(TINY)
+  images = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))
+  ids = jnp.array([[1, 4, 5]])
+  params = init_params(model, images, ids)
+  assert set(params["projector"]) == {"linear_1", "linear_2"}
+  from mmjax.models.vit import ViT
+
+  @jax.jit
+  def both(params, images):
+    feats = model.apply({"params": params}, images, method=llava_lib.LLaVA.image_features)
+    _, vout = ViT(TINY.vision, collect_hidden=True).apply({"params": params["vision"]}, images)
+    hidden = vout["hidden_states"][-2][:, 1:]  # penultimate, class token dropped
+    p = params["projector"]
+    h = hidden @ p["linear_1"]["kernel"] + p["linear_1"]["bias"]
+    h = jax.nn.gelu(h, approximate=False)
+    return feats, h @ p["linear_2"]["kernel"] + p["linear_2"]["bias"]
+
+  feats, want = both(params, images)
+  np.testing.assert_allclose(feats, want, rtol=1e-5, atol=1e-5)
+  linear = llava_lib.LLaVA(llava_lib.LLaVAConfig(**{**TINY.__dict__, "projector": "linear",
+                                                    "keep_cls": True}))
+  shapes = jax.eval_shape(linear.init, jax.random.key(0), images, ids)["params"]
+  assert set(shapes["projector"]) == {"linear_1"}
+  out = jax.eval_shape(lambda p: linear.apply({"params": p}, images,
+                                              method=llava_lib.LLaVA.image_features),
+                       nn.unbox(shapes))
+  assert out.shape == (1, N + 1, 32)
+
+
+# -- the tasks through the shared loop ------------------------------------------
+
+TINY_ARGS = "runlocal=true,llm=tiny,num_train=48,num_eval=6"
+
+
+def _config(module, workdir_data, **kw):
+  if module is llava_shapes:
+    kw["vision"] = "tiny"
+  args = ",".join([TINY_ARGS, f"data={workdir_data}"] + [f"{k}={v}" for k, v in kw.items()])
+  c = module.get_config(args)
+  c.async_checkpoints = False
+  c.total_steps = c.eval_every = c.checkpoint_every = 3
+  c.log_every = 1
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """lm -> stage 1 -> stage 2, a few steps each, on 8 fake devices."""
+  root = tmp_path_factory.mktemp("llava")
+  data = str(root / "data")
+  out = {"root": root, "data": data}
+  out["lm"] = loop.train(_config(lm_shapes, data), str(root / "lm"))
+  out["stage1"] = loop.train(_config(llava_shapes, data, stage=1, lm=root / "lm"),
+                             str(root / "stage1"))
+  out["stage2"] = loop.train(_config(llava_shapes, data, stage=2, stage1=root / "stage1"),
+                             str(root / "stage2"))
+  return out
+
+
+def _params(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  meta = ckpt.manager.item_metadata(ckpt.latest_step())["state"]
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                        getattr(meta, "tree", meta)["params"])
+  ckpt.close()
+  return checkpoint.restore_subtree(workdir, ("params",), target)
+
+
+def test_stages_run_and_log_their_metrics(runs):
+  assert {"eval/loss", "eval/perplexity"} <= set(runs["lm"])
+  s1 = runs["stage1"]
+  assert {"eval/caption_loss", "eval/caption_loss_no_image",
+          "eval/caption_loss_untrained_projector"} <= set(s1)
+  s2 = runs["stage2"]
+  assert "eval/vqa_accuracy" in s2 and "eval/vqa_accuracy/color" in s2
+  for stage in ("lm", "stage1", "stage2"):
+    rows = [json.loads(l) for l in open(runs["root"] / stage / "metrics.jsonl")]
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["train/loss"])
+
+
+def test_each_stage_starts_from_the_previous_one(runs):
+  root = runs["root"]
+  lm, s1, s2 = _params(root / "lm"), _params(root / "stage1"), _params(root / "stage2")
+  # Stage 1 froze the LLM it loaded: bit for bit the LM run's weights.
+  chex.assert_trees_all_equal(s1["llm"], lm)
+  # Stage 2 froze the tower it loaded from stage 1 and trained the rest.
+  chex.assert_trees_all_equal(s2["vision"], s1["vision"])
+  assert not np.allclose(s2["llm"]["norm"]["scale"], s1["llm"]["norm"]["scale"])
+  assert not np.allclose(s2["projector"]["linear_2"]["kernel"],
+                         s1["projector"]["linear_2"]["kernel"])
+
+
+def test_stage2_step_leaves_frozen_params_and_holds_no_state_for_them(runs, tmp_path):
+  config = _config(llava_shapes, runs["data"], stage=2)
+  config.optim.warmup_steps = 0  # a full-size first step
+  s = loop.setup(config, str(tmp_path / "unused"))
+  task, tx, mask = s["task"], s["tx"], s["mask"]
+  state = jax.jit(lambda: step_lib.init_state(task, tx, 0))()
+  n_vision = optim.count_params(state.params["vision"])
+  n_total = optim.count_params(state.params)
+  assert optim.opt_state_size(state.opt_state) == 2 * (n_total - n_vision)
+  batch = {k: v for k, v in next(task.train_batches(8, seed=0)).items() if k in task.batch_keys}
+  new, metrics = jax.jit(step_lib.make_train_step(task, tx, mask, s["schedule"]))(state, batch)
+  chex.assert_trees_all_equal(new.params["vision"], state.params["vision"])
+  assert not np.allclose(new.params["llm"]["norm"]["scale"], state.params["llm"]["norm"]["scale"])
+  assert np.isfinite(metrics["train/loss"])
+  # Stage 1 trains the projector only.
+  s1 = loop.setup(_config(llava_shapes, runs["data"], stage=1), str(tmp_path / "unused1"))
+  st1 = jax.jit(lambda: step_lib.init_state(s1["task"], s1["tx"], 0))()
+  assert optim.opt_state_size(st1.opt_state) == 2 * optim.count_params(st1.params["projector"])
+
+
+def test_batches_hold_the_image_and_masked_labels(runs):
+  config = _config(llava_shapes, runs["data"], stage=2)
+  task = loop.setup(config, str(runs["root"] / "unused_b"))["task"]
+  batch = next(task.train_batches(4, seed=0))
+  assert batch["image"].shape == (4, 32, 32, 3)
+  assert batch["tokens"].shape == batch["labels"].shape == (4, task.max_len)
+  assert ((batch["tokens"] == 4).sum(1) == 1).all()  # one placeholder per row
+  labelled = batch["labels"] != -100
+  assert labelled.any(1).all()
+  np.testing.assert_array_equal(batch["labels"][labelled], batch["tokens"][labelled])
+
+
+def test_chat_answers_from_a_workdir(runs, capsys):
+  from mmjax import chat
+  root = runs["root"]
+  image = os.path.join(runs["data"], "images", "eval", "000000.png")
+  answer = chat.answer_once(str(root / "stage2"), image, "What color is the circle?",
+                            max_new_tokens=4)
+  assert isinstance(answer, str)
+
+
+@pytest.mark.slow
+def test_stage1_learns_to_use_the_image(runs):
+  """Training only the projector lowers the frozen LM's caption loss clearly below
+  its loss with the untrained projector and without the image."""
+  config = _config(llava_shapes, runs["data"], stage=1, lm=runs["root"] / "lm")
+  config.total_steps = config.eval_every = config.checkpoint_every = 80
+  config.batch_size = 16
+  config.log_every = 20
+  config.optim.lr = 3e-3
+  last = loop.train(config, str(runs["root"] / "stage1_long"))
+  assert last["eval/caption_loss"] < last["eval/caption_loss_untrained_projector"] - 0.2
+  assert last["eval/caption_loss"] < last["eval/caption_loss_no_image"]

@@ -1,0 +1,96 @@
+"""mmjax.plan: reading a compiled program, a CPU plan in this process, and the
+command line against a (small) TPU topology compiled on this CPU."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import clip_shapes
+from mmjax import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HLO = """\
+%all-reduce-scatter.10 (input.10: f32[128,64]) -> f32[32,64] {
+  %input.10 = f32[128,64]{1,0:T(8,128)} parameter(0)
+  %all-reduce.138 = f32[128,64]{1,0:T(8,128)} all-reduce(%input.10), channel_id=125
+  ROOT %dynamic-slice.256 = f32[32,64]{1,0:T(8,128)} dynamic-slice(%all-reduce.138, %m, %c)
+}
+
+ENTRY %main.1 (p0: bf16[4,256]) -> f32[] {
+  %all-gather.1 = bf16[16,256]{1,0:T(8,128)(2,1)} all-gather(%p0), dimensions={0}
+  %ag-start = (bf16[4,256]{1,0}, bf16[16,256]{1,0}) all-gather-start(%p0), dimensions={0}
+  %ag-done = bf16[16,256]{1,0} all-gather-done(%ag-start)
+  %fusion.14 = f32[32,64]{1,0:T(8,128)} fusion(%fusion.439), kind=kCustom, calls=%all-reduce-scatter.10
+  %cp = f32[8,16]{1,0} collective-permute(%x), source_target_pairs={{0,1},{1,0}}
+  %logits = f32[512,512]{1,0} dot(%a, %b)
+  %bad = f32[1,512,512]{2,1,0} copy(%logits)
+}
+"""
+
+
+def test_collectives_are_counted_once_each_and_fused_ones_by_their_kind():
+  c = plan.collectives(HLO)
+  assert c["all-gather"] == {"count": 2, "largest_bytes": 16 * 256 * 2}
+  assert c["reduce-scatter"] == {"count": 1, "largest_bytes": 32 * 64 * 4}
+  assert c["all-reduce"]["count"] == 0  # the one inside the reduce-scatter fusion
+  assert c["collective-permute"]["count"] == 1 and c["all-to-all"]["count"] == 0
+
+
+def test_square_buffers_and_largest_buffers():
+  assert plan.square_buffers(HLO, 512) == ["f32[1,512,512]", "f32[512,512]"]
+  assert plan.square_buffers(HLO, 256) == []
+  assert plan.largest_buffers(HLO, 1) == [{"shape": "f32[512,512]", "bytes": 512 * 512 * 4}]
+
+
+def test_accelerator_type_counts_cores_where_the_chip_has_two():
+  assert plan._accelerator_type("v5p:4x4x4", "v5p") == "v5p-128"
+  assert plan._accelerator_type("v5e:4x4", "v5e") == "v5e-16"
+
+
+def _tiny(**overrides):
+  c = clip_shapes.get_config("runlocal=true")
+  c.model.vision.variant, c.model.text.size, c.model.embed_dim = "tiny/8", "tiny", 16
+  c.model.text.vocab_size = 64
+  c.data.context_length = 16
+  c.batch_size = 40  # no model dim is 40, so a [40, 40] buffer can only be logits
+  for key, value in overrides.items():
+    *parents, last = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+@pytest.mark.slow
+def test_cpu_plan_of_the_chunked_loss_has_no_batch_by_batch_buffer():
+  config = _tiny(**{"mesh.preset": "fsdp", "model.chunked_loss": True})
+  report = plan.plan(config, jax.devices(), plan.Chip("cpu", 1 << 30, None))
+  assert report["fits"] is True and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report["batch_x_batch_buffers"] == []
+  assert report["collectives"]["collective-permute"]["count"] > 0
+  pc = report["per_chip_bytes"]
+  assert 0 < pc["params"] < 4 * report["params"]  # sharded: under one float32 copy
+  assert pc["total"] >= pc["temporaries"] and report["model_flops_per_chip"] > 0
+  assert "B x B (40 x 40) buffers on one chip: none" in plan.format_report(report)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e '.[tpu-plan]')")
+def test_tpu_topology_plan_runs_here_and_fails_when_it_does_not_fit(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "-m", "mmjax.plan", "--config=experiments/clip_shapes.py:runlocal=true",
+         "--topology=v5p:2x2x1", "--config.mesh.preset=fsdp", "--hbm_gib=0.01",
+         "--config.model.vision.variant=tiny/8", "--config.model.text.size=tiny",
+         "--config.model.embed_dim=16", "--config.model.text.vocab_size=64",
+         f"--json={tmp_path / 'plan.json'}"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "(4 chips)" in out.stdout and "DOES NOT FIT" in out.stdout
+  assert "{'data': 1, 'fsdp': 4, 'tensor': 1}" in out.stdout
