@@ -7,7 +7,7 @@ the chunk that device (i - r) mod n started with, and computes that [b, b] block
 of the global logits. After n steps it has seen its own b rows of the B x B
 matrix (and, for the softmax loss, its own b columns), one block at a time. Per
 device that is one [b, b] block plus [b, D] chunks; the blocks are recomputed in
-the backward pass instead of stored. Softmax (CLIP) keeps running logsumexps;
+the backward pass instead of stored. Softmax (CLIP) combines per-block logsumexps;
 sigmoid (SigLIP) sums its blocks, as big_vision's chunked SigLIP does.
 
 Both equal `losses.clip_softmax_loss` / `losses.siglip_loss` (value and

@@ -4,10 +4,9 @@ losses, and the 2-process checkpoint restores in one process."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
-
-import socket
 
 import chex
 import jax

@@ -1,15 +1,18 @@
 """Mesh presets, the dcn (multi-slice) axis, and the chunked loss selected by config."""
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from experiments import clip_shapes
-from mmjax import parallel
-from mmjax.train import step as step_lib, tasks
+from mmjax import checkpoint, parallel
+from mmjax.train import loop, optim, step as step_lib, tasks
 
 
 @pytest.mark.parametrize("preset, extra, want", [
@@ -41,7 +44,7 @@ def test_dcn_axis_joins_the_batch_axes_and_leaves_params_alone():
   rules = dict(parallel.rules_for_mesh(parallel.DEFAULT_RULES, one_slice))
   assert rules["act_batch"] == ("data", "fsdp") and rules["embed"] == "fsdp"
   # Params are sharded within a slice only: replicated across dcn.
-  boxed = {"w": __import__("flax").linen.LogicallyPartitioned(
+  boxed = {"w": nn.LogicallyPartitioned(
       jax.ShapeDtypeStruct((16, 32), jnp.float32), ("embed", "mlp"))}
   assert parallel.shardings_for(boxed, mesh)["w"].spec == P("fsdp", "tensor")
 
@@ -71,8 +74,7 @@ def test_a_task_builds_without_data():
 def test_chunked_loss_switch_gives_the_same_loss_and_gradients(loss):
   mesh = parallel.make_mesh({"preset": "fsdp"})
   plain, chunked = _task(loss=loss), _task(loss=loss, chunked_loss=True)
-  params = jax.jit(lambda: __import__("flax").linen.meta.unbox(
-      plain.init(jax.random.PRNGKey(0))))()
+  params = jax.jit(lambda: nn.meta.unbox(plain.init(jax.random.PRNGKey(0))))()
   batch = {"image": jax.random.normal(jax.random.key(1), (16, 32, 32, 3)),
            "text": jax.random.randint(jax.random.key(2), (16, 16), 3, 64).at[:, 9].set(2)}
   batch = parallel.host_to_global(jax.device_get(batch), mesh)
@@ -89,7 +91,7 @@ def test_chunked_loss_switch_gives_the_same_loss_and_gradients(loss):
 
 def test_state_shardings_follow_the_preset():
   task = _task()
-  tx = __import__("optax").adam(1e-3)
+  tx = optax.adam(1e-3)
   for preset, axis in (("fsdp", "fsdp"), ("fsdp_tensor", "tensor")):
     mesh = parallel.make_mesh({"preset": preset})
     _, sh = step_lib.state_shardings(task, tx, 0, mesh, parallel.DEFAULT_RULES)
@@ -108,8 +110,6 @@ class _Frozen:
 
 
 def test_a_state_with_frozen_params_saves_and_restores(tmp_path):
-  from mmjax import checkpoint
-  from mmjax.train import loop, optim
   task, mesh = _Frozen(), parallel.make_mesh({"preset": "fsdp"})
   mask = optim.trainable_mask(task.init(jax.random.PRNGKey(0)), task.frozen)
   cfg = ml_collections.ConfigDict(dict(lr=0.1, warmup_steps=0, weight_decay=0.1, b1=0.9,
@@ -121,6 +121,5 @@ def test_a_state_with_frozen_params_saves_and_restores(tmp_path):
   ckpt.save(1, state)
   restored, _ = ckpt.restore(loop.restore_target(abstract, shardings), 1)
   ckpt.close()
-  chex = __import__("chex")
   chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(state.params))
   assert restored.params["w"].sharding == shardings.params["w"]
