@@ -72,6 +72,11 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
       "image_folder": None,  # llava: folder that the JSON's image paths are relative to
       "fatal_bad_images": False,  # True: an unreadable image stops the run
       "return_index": False,  # add each example's record index to train batches
+      # Train on a fixed random subset of the train split (e.g. 0.1 of the labels
+      # for a data-efficiency study); the subset depends on label_fraction_seed
+      # only, so every run and seed of a study sees the same examples.
+      "label_fraction": 1.0,
+      "label_fraction_seed": 0,
   })
 
 
@@ -87,15 +92,23 @@ def train_iterator(data_cfg, *, tokenizer=None, batch_size: int, seed: int,
   `batch_size` is per process. Batches: image float32 [b, S, S, 3], text int32
   [b, context_length] (one caption drawn per example and epoch), label int32 [b].
   A task with its own batch layout passes `example_fn`: a RandomMap from
-  (record index, example) to a dict of arrays, or None to skip the example.
+  (record index, example) to a dict of arrays, or None to skip the example
+  (no tokenizer is then needed). `data.label_fraction` < 1 keeps that fraction
+  of the split (`subset_indices`).
   """
   shard_index, shard_count = _shard(shard_index, shard_count)
-  tokenizer = dataset_tokenizer(data_cfg) if tokenizer is None else tokenizer
+  if tokenizer is None and example_fn is None:
+    tokenizer = dataset_tokenizer(data_cfg)
   source = make_source(data_cfg, data_cfg.train_split)
+  fraction = float(_opt(data_cfg, "label_fraction", 1.0) or 1.0)
+  if fraction < 1.0:
+    source = SubsetSource(source, subset_indices(
+        len(source), fraction, int(_opt(data_cfg, "label_fraction_seed", 0) or 0)))
   if len(source) < shard_count:
     raise ValueError(f"{source!r} has fewer examples than the {shard_count} shards")
   shard_seed = _derive_seed(seed, shard_index, shard_count)
-  ds = grain.MapDataset.source(source).map_with_index(_AttachIndex(len(source)))
+  ds = grain.MapDataset.source(source).map_with_index(
+      _AttachIndex(len(source), getattr(source, "indices", None)))
   ds = ds[shard_index::shard_count]
   ds = ds.shuffle(seed=shard_seed).repeat(None)
   ds = ds.random_map(example_fn or _TrainExample(data_cfg, tokenizer), seed=shard_seed)
@@ -115,23 +128,27 @@ def train_iterator(data_cfg, *, tokenizer=None, batch_size: int, seed: int,
     ds = _thread_prefetch(ds, prefetch)
   meta = {"dataset": data_cfg.name, "split": data_cfg.train_split, "seed": int(seed),
           "batch_size": int(batch_size), "shard_index": shard_index, "shard_count": shard_count,
-          "num_workers": workers}
+          "num_workers": workers, "label_fraction": fraction}
   return TrainIterator(ds, meta, source)
 
 
 def eval_iterator(data_cfg, *, tokenizer=None, split: str | None = None, batch_size: int,
-                  shard_index: int | None = None, shard_count: int | None = None) -> "EvalBatches":
+                  shard_index: int | None = None, shard_count: int | None = None,
+                  example_fn: grain.transforms.Map | None = None) -> "EvalBatches":
   """Finite batches covering `split` exactly once across all processes.
 
   Every process yields the same number of batches (collectives stay in step);
   padding rows and unreadable images carry mask False. Keys: image, text
   (caption 0), label, num_objects, mask, index (record index, -1 for padding).
+  A task with its own layout passes `example_fn`: a Map from (record index,
+  example) to a dict with "mask", and a `blank()` padding row.
   """
   shard_index, shard_count = _shard(shard_index, shard_count)
-  tokenizer = dataset_tokenizer(data_cfg) if tokenizer is None else tokenizer
+  if example_fn is None:
+    tokenizer = dataset_tokenizer(data_cfg) if tokenizer is None else tokenizer
+    example_fn = _EvalExample(data_cfg, tokenizer)
   source = make_source(data_cfg, split or data_cfg.eval_split)
-  return EvalBatches(source, _EvalExample(data_cfg, tokenizer), data_cfg, batch_size,
-                     shard_index, shard_count)
+  return EvalBatches(source, example_fn, data_cfg, batch_size, shard_index, shard_count)
 
 
 def class_names(data_cfg) -> list[str]:
@@ -193,6 +210,35 @@ def make_source(data_cfg, split: str):
                             text_key=data_cfg.text_key, label_key=data_cfg.label_key)
 
 
+def subset_indices(n: int, fraction: float, seed: int = 0) -> np.ndarray:
+  """Sorted indices of a fixed random `fraction` of n records (at least one)."""
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"data.label_fraction must be in (0, 1], got {fraction}")
+  k = max(1, int(round(fraction * n)))
+  return np.sort(np.random.default_rng([int(seed), n]).permutation(n)[:k])
+
+
+class SubsetSource:
+  """The records `indices` of a source, in that order (a train subset)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+    self.may_skip = getattr(source, "may_skip", False)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int):
+    return self.source[int(self.indices[int(index)])]
+
+  @property
+  def num_bad(self) -> int:
+    return getattr(self.source, "num_bad", 0)
+
+  def __repr__(self) -> str:
+    return f"SubsetSource({self.source!r}, {len(self)} examples)"
+
+
 # ---------------------------------------------------------------------------
 # Iterators
 
@@ -223,7 +269,8 @@ class TrainIterator:
   def set_state(self, state: dict[str, Any] | str | bytes) -> None:
     if isinstance(state, (str, bytes)):
       state = json.loads(state)
-    for key in ("dataset", "seed", "batch_size", "shard_index", "shard_count", "num_workers"):
+    for key in ("dataset", "seed", "batch_size", "shard_index", "shard_count", "num_workers",
+                "label_fraction"):
       if key in state and state[key] != self._meta[key]:
         raise ValueError(
             f"data iterator state was saved with {key}={state[key]!r} but this iterator has "
@@ -369,13 +416,16 @@ class _EvalExample(grain.transforms.Map):
 
 
 class _AttachIndex(grain.transforms.MapWithIndex):
-  """Pairs an example with its record index (grain's index grows past len in later epochs)."""
+  """Pairs an example with its record index (grain's index grows past len in later
+  epochs); `record_ids` maps a subset's positions to the records of the split."""
 
-  def __init__(self, length: int):
+  def __init__(self, length: int, record_ids: np.ndarray | None = None):
     self._length = length
+    self._ids = record_ids
 
   def map_with_index(self, index: int, example):
-    return index % self._length, example
+    index = index % self._length
+    return (index if self._ids is None else int(self._ids[index])), example
 
 
 def _opt(data_cfg, key: str, default=None):
