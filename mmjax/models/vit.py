@@ -173,13 +173,17 @@ class ViT(nn.Module):
   "hidden_states" [L + 1, B, N, D] (the embeddings, then each block's output,
   as in transformers; only with `collect_hidden`), "pre_logits" [B, D] (pooled),
   "logits" [B, classes] when the config has a head.
+
+  `keep` [B, K] (int): the encoder sees only these patches (row-major patch
+  indices, after their position embeddings), as MAE's encoder does; the
+  sequence is then the prefix tokens and the K kept patches.
   """
 
   config: ViTConfig
   collect_hidden: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False):
+  def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None):
     cfg = self.config
     size = cfg.size
     dtype = jnp.dtype(cfg.dtype)
@@ -198,17 +202,26 @@ class ViT(nn.Module):
                        patchify(images, patch))
     else:
       raise ValueError(f"unknown ViT stem {cfg.stem!r}; choose 'linear' or 'conv'")
-    b, n, _ = x.shape
+    n = x.shape[1]
+    prefix = cfg.num_prefix_tokens
 
-    if cfg.num_prefix_tokens:
+    cls = None
+    if prefix:
       cls = self.param("cls_token", nn.with_logical_partitioning(
-          nn.initializers.normal(0.02), (None, "embed")), (cfg.num_prefix_tokens, width),
-          jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, *cls.shape)), x], axis=1)
+          nn.initializers.normal(0.02), (None, "embed")), (prefix, width), jnp.float32)
     posemb = self.param("pos_embed", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("pos", "embed")), (cfg.num_prefix_tokens + n, width),
-        jnp.float32)
-    x = layers.act_constrain(x + posemb.astype(dtype)[None])
+        nn.initializers.normal(0.02), ("pos", "embed")), (prefix + n, width),
+        jnp.float32).astype(dtype)
+    x = x + posemb[None, prefix:]
+    if keep is not None:
+      if cfg.stem != "linear":
+        raise ValueError("ViT(keep=...) needs stem='linear': a conv stem mixes neighbouring "
+                         "patches, so masked pixels would leak into the visible tokens")
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)  # [B, K, D]: visible patches only
+    if cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype) + posemb[:prefix],
+                                            (x.shape[0], prefix, width)), x], axis=1)
+    x = layers.act_constrain(x)
     if cfg.pre_norm:
       x = layers.LayerNorm(cfg.norm_eps, dtype, name="pre_norm")(x)
     embeddings = x
