@@ -1,0 +1,487 @@
+"""The ViT family's Tasks: supervised classification and the remedies for a ViT's
+data hunger (see `mmjax.train.tasks` for the protocol).
+
+  "vit"      a ViT classifier (class token, gap or map pooling; linear or conv
+             stem); label smoothing, mixup and cutmix; DeiT hard-label
+             distillation from a teacher run (`distill.teacher_workdir`) through
+             a distillation token; fine-tuning from an MAE run (`init.mae_workdir`)
+  "convnet"  a small ConvNet classifier: the distillation teacher
+  "mae"      masked-autoencoder pretraining of a ViT encoder (no labels)
+
+All three read {image, label} batches from the shared pipeline and report
+`eval/top1` (or `eval/loss` for MAE) exactly over the whole eval split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmjax import checkpoint, parallel
+from mmjax.data import pipeline, transforms
+from mmjax.eval.clip import gather
+from mmjax.models import convnet as convnet_lib
+from mmjax.models import mae as mae_lib
+from mmjax.models import vit as vit_lib
+from mmjax.models import vit_heads
+from mmjax.train import tasks
+
+
+# ---------------------------------------------------------------------------
+# Data: {image, label} examples
+
+
+class ImageLabelExample(grain.transforms.RandomMap):
+  """Train example -> {image, label} (with the config's random crop and flip);
+  None (skipped) for an unreadable image."""
+
+  def __init__(self, data_cfg):
+    t = data_cfg.transforms
+    self.size, self.mode = int(data_cfg.image_size), t.normalize
+    self.crop, self.crop_scale = bool(t.random_resized_crop), tuple(t.crop_scale)
+    self.flip, self.pad_square = bool(t.hflip), bool(t.pad_to_square)
+
+  def random_map(self, item, rng: np.random.Generator):
+    _, example = item
+    if example["bad"] or example["image"] is None:
+      return None
+    image = transforms.train_image(example["image"], self.size, rng, mode=self.mode,
+                                   random_crop=self.crop, crop_scale=self.crop_scale,
+                                   flip=self.flip and rng.random() < 0.5,
+                                   pad_square=self.pad_square)
+    return {"image": image, "label": np.int32(example["label"])}
+
+
+class ImageLabelEvalExample(grain.transforms.Map):
+  """Eval example -> {image, label, mask}; `blank()` pads (mask False)."""
+
+  def __init__(self, data_cfg):
+    self.size, self.mode = int(data_cfg.image_size), data_cfg.transforms.normalize
+    self.pad_square = bool(data_cfg.transforms.pad_to_square)
+
+  def map(self, item):
+    _, example = item
+    if example["bad"] or example["image"] is None:
+      return self.blank()
+    return {"image": transforms.preprocess_image(example["image"], self.size, self.mode,
+                                                 pad_square=self.pad_square),
+            "label": np.int32(example["label"]), "mask": np.bool_(True)}
+
+  def blank(self) -> dict[str, np.ndarray]:
+    return {"image": np.zeros((self.size, self.size, 3), np.float32), "label": np.int32(-1),
+            "mask": np.bool_(False)}
+
+
+# ---------------------------------------------------------------------------
+# Classification losses and batch mixing (traced inside the step)
+
+
+def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
+  """[B] int -> [B, C] float32: (1 - s) one-hot + s / C."""
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return onehot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over the batch of -sum_c targets_c log softmax(logits)_c."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+
+
+def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, *, mixup_alpha: float = 0.0,
+              cutmix_alpha: float = 0.0, switch_prob: float = 0.5
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mixup or cutmix of each example with its partner in the reversed batch (as timm).
+
+  One lam ~ Beta(alpha, alpha) per batch; with both alphas > 0 cutmix is used with
+  probability `switch_prob`. Cutmix pastes a box of area (1 - lam) from the
+  partner, and lam becomes the exact area kept. Returns (images, targets, lam).
+  """
+  if not mixup_alpha and not cutmix_alpha:
+    return images, targets, jnp.ones((), jnp.float32)
+  k_mix, k_cut, k_switch, k_box = jax.random.split(rng, 4)
+  partner_images, partner_targets = images[::-1], targets[::-1]
+  lams, mixed = [], []
+  if mixup_alpha:
+    lam = jax.random.beta(k_mix, mixup_alpha, mixup_alpha).astype(jnp.float32)
+    lams.append(lam)
+    mixed.append(lam * images + (1.0 - lam) * partner_images)
+  if cutmix_alpha:
+    lam = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha).astype(jnp.float32)
+    h, w = images.shape[1], images.shape[2]
+    cut = jnp.sqrt(1.0 - lam)
+    cy, cx = jax.random.uniform(k_box, (2,)) * jnp.array([h, w], jnp.float32)
+    y0, y1 = jnp.clip(cy - cut * h / 2, 0, h), jnp.clip(cy + cut * h / 2, 0, h)
+    x0, x1 = jnp.clip(cx - cut * w / 2, 0, w), jnp.clip(cx + cut * w / 2, 0, w)
+    rows = jnp.arange(h, dtype=jnp.float32)[:, None] + 0.5
+    cols = jnp.arange(w, dtype=jnp.float32)[None, :] + 0.5
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # [H, W]
+    lams.append(1.0 - jnp.mean(box.astype(jnp.float32)))
+    mixed.append(jnp.where(box[None, :, :, None], partner_images, images))
+  if len(mixed) == 2:
+    use_cut = jax.random.uniform(k_switch) < switch_prob
+    lam = jnp.where(use_cut, lams[1], lams[0])
+    out = jnp.where(use_cut, mixed[1], mixed[0])
+  else:
+    lam, out = lams[0], mixed[0]
+  return out.astype(images.dtype), lam * targets + (1.0 - lam) * partner_targets, lam
+
+
+def top1_correct(probs: jax.Array, labels: jax.Array) -> jax.Array:
+  return (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Shared by the classifiers
+
+
+def num_classes(config) -> int:
+  """model.num_classes, or (0) the dataset's class count."""
+  n = int(config.model.get("num_classes", 0) or 0)
+  return n or len(pipeline.class_names(config.data))
+
+
+class ClassifierTask:
+  """What every image classifier shares: {image, label} data, the smoothed and
+  mixed cross-entropy, and exact top-1 over the eval split. Subclasses build
+  `self.model` (apply -> (logits, out)) and say `forward_flops()`."""
+
+  batch_keys = ("image", "label")
+
+  def __init__(self, config, with_data: bool = True):
+    del with_data  # the data is only read when batches are asked for
+    self.config = config
+    self.data_cfg = config.data
+    self.num_classes = num_classes(config)
+    self.loss_cfg = config.get("loss") or ml_collections.ConfigDict()
+    self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
+
+  # -- model ----------------------------------------------------------------
+
+  def init(self, rng):
+    s = int(self.data_cfg.image_size)
+    return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32))["params"]
+
+  def batch_spec(self, batch_size: int) -> dict:
+    s = int(self.data_cfg.image_size)
+    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+  def apply(self, params, images, train: bool = False):
+    return self.model.apply({"params": params}, images, train)
+
+  def head_probs(self, params, images) -> dict[str, jax.Array]:
+    """Class probabilities: "top1" the prediction (and any per-head ones)."""
+    logits, _ = self.apply(params, images)
+    return {"top1": vit_heads.predict_probs(logits)}
+
+  def forward_flops(self) -> float:
+    raise NotImplementedError
+
+  def flops_per_example(self) -> float:
+    return 3 * self.forward_flops()
+
+  # -- loss -----------------------------------------------------------------
+
+  def mixed_batch(self, batch, rng):
+    c = self.loss_cfg
+    targets = smooth_targets(batch["label"], self.num_classes,
+                             float(c.get("label_smoothing", 0.0)))
+    return mix_batch(rng, batch["image"], targets,
+                     mixup_alpha=float(c.get("mixup_alpha", 0.0)),
+                     cutmix_alpha=float(c.get("cutmix_alpha", 0.0)),
+                     switch_prob=float(c.get("switch_prob", 0.5)))
+
+  def loss(self, params, batch, rng):
+    images, targets, _ = self.mixed_batch(batch, rng)
+    logits, _ = self.apply(params, images, train=True)
+    loss = soft_cross_entropy(logits, targets)
+    return loss, {"top1": jnp.mean(top1_correct(logits, batch["label"]))}
+
+  # -- data and evaluation ----------------------------------------------------
+
+  def train_batches(self, batch_size: int, seed: int, **shard):
+    return pipeline.train_iterator(self.data_cfg, batch_size=batch_size, seed=seed,
+                                   example_fn=ImageLabelExample(self.data_cfg), **shard)
+
+  def eval_batches(self, batch_size: int):
+    return pipeline.eval_iterator(self.data_cfg, split=self.data_cfg.eval_split,
+                                  batch_size=batch_size,
+                                  example_fn=ImageLabelEvalExample(self.data_cfg))
+
+  def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    """top1 (and each head's) and the cross-entropy of the prediction, over the
+    whole eval split: every process predicts its shard, padding is dropped."""
+    if getattr(self, "_eval_for", None) is not mesh:
+      self._eval_for, self._probs = mesh, jax.jit(self.head_probs)
+    per_process = int(self.config.eval.batch_size) // jax.process_count()
+    correct: dict[str, list] = {}
+    nll = []
+    with parallel.activate(mesh, rules):
+      for batch in self.eval_batches(per_process):
+        glob = parallel.host_to_global({"image": batch["image"], "label": batch["label"],
+                                        "mask": batch["mask"]}, mesh)
+        probs = {k: gather(v) for k, v in self._probs(params, glob["image"]).items()}
+        mask = gather(glob["mask"]).astype(bool)
+        labels = gather(glob["label"])[mask]
+        for k, p in probs.items():
+          correct.setdefault(k, []).append(np.argmax(p[mask], axis=-1) == labels)
+        p_true = probs["top1"][mask][np.arange(len(labels)), labels]
+        nll.append(-np.log(np.maximum(p_true, 1e-12)))
+    out = {k: float(np.mean(np.concatenate(v))) for k, v in correct.items()}
+    out["loss"] = float(np.mean(np.concatenate(nll)))
+    out["count"] = int(sum(len(v) for v in correct["top1"]))
+    return out
+
+
+def _dataclass(cls, cfg, **overrides):
+  values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+  return tasks._dataclass_from(cls, values, **overrides)
+
+
+def _vit_config(config, **overrides) -> vit_lib.ViTConfig:
+  m = config.model
+  return _dataclass(vit_lib.ViTConfig, m.vision, image_size=int(config.data.image_size),
+                    dtype=m.get("dtype", "float32"), scan=m.get("scan", True),
+                    remat=m.get("remat", "none"), **overrides)
+
+
+def _with_shardings(params, shardings):
+  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                      params, shardings)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json that `mmjax.train` wrote into another run's workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir "
+                            f"(train that run first)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+# ---------------------------------------------------------------------------
+# "convnet"
+
+
+@tasks.register("convnet")
+class ConvNetTask(ClassifierTask):
+  """A small ConvNet classifier (the distillation teacher). model: channels,
+  convs_per_stage, groups, num_classes, dtype."""
+
+  def __init__(self, config, with_data: bool = True):
+    super().__init__(config, with_data)
+    m = config.model
+    self.model_config = _dataclass(
+        convnet_lib.ConvNetConfig, {k: v for k, v in m.to_dict().items() if k != "num_classes"},
+        num_classes=self.num_classes, image_size=int(config.data.image_size))
+    self.model = convnet_lib.ConvNet(self.model_config)
+
+  def forward_flops(self) -> float:
+    return convnet_lib.forward_flops(self.model_config)
+
+
+# ---------------------------------------------------------------------------
+# "vit"
+
+
+@tasks.register("vit")
+class ViTTask(ClassifierTask):
+  """A ViT classifier. model.vision: the ViTConfig keys (variant, pool, stem, ...).
+
+  `distill.teacher_workdir`: DeiT hard-label distillation. The ViT gets a
+  distillation token and head; loss = (1 - w) CE(class head, targets) +
+  w CE(distillation head, argmax teacher(x)) with w = `distill.weight` (0.5),
+  on the same (mixed) images; the prediction averages both heads' softmax.
+  The teacher is any classifier run (its config.json names its model); its
+  params sit frozen under params/teacher.
+
+  `init.mae_workdir`: start the encoder from an "mae" run's params/encoder.
+  """
+
+  def __init__(self, config, with_data: bool = True):
+    super().__init__(config, with_data)
+    distill = config.get("distill") or {}
+    self.teacher_workdir = distill.get("teacher_workdir")
+    self.distill_weight = float(distill.get("weight", 0.5))
+    overrides = {"num_classes": self.num_classes}
+    if self.teacher_workdir and "num_prefix_tokens" not in config.model.vision:
+      overrides["num_prefix_tokens"] = 2  # class token, distillation token
+    self.model_config = _vit_config(config, **overrides)
+    self.model = vit_heads.ViTClassifier(self.model_config, distill=bool(self.teacher_workdir))
+    self.teacher = None
+    if self.teacher_workdir:
+      self.teacher = _teacher_task(self.teacher_workdir, config, self.num_classes)
+      self.frozen = self.frozen + ("teacher/.*",)
+
+  def init(self, rng):
+    student_rng, teacher_rng = jax.random.split(rng)
+    params = super().init(student_rng)
+    if self.teacher is not None:
+      params = {**params, "teacher": self.teacher.init(teacher_rng)}
+    return params
+
+  def apply(self, params, images, train: bool = False):
+    student = {k: v for k, v in params.items() if k != "teacher"}
+    return self.model.apply({"params": student}, images, train)
+
+  def head_probs(self, params, images) -> dict[str, jax.Array]:
+    logits, out = self.apply(params, images)
+    if self.teacher is None:
+      return {"top1": vit_heads.predict_probs(logits)}
+    return {"top1": vit_heads.predict_probs(logits, out["dist_logits"]),
+            "top1_cls": vit_heads.predict_probs(logits),
+            "top1_dist": vit_heads.predict_probs(out["dist_logits"])}
+
+  def loss(self, params, batch, rng):
+    if self.teacher is None:
+      return super().loss(params, batch, rng)
+    images, targets, _ = self.mixed_batch(batch, rng)
+    logits, out = self.apply(params, images, train=True)
+    teacher_logits, _ = self.teacher.apply(jax.lax.stop_gradient(params["teacher"]), images)
+    teacher_labels = jnp.argmax(teacher_logits, axis=-1)
+    cls_loss = soft_cross_entropy(logits, targets)
+    dist_loss = soft_cross_entropy(out["dist_logits"],
+                                   jax.nn.one_hot(teacher_labels, self.num_classes))
+    w = self.distill_weight
+    probs = vit_heads.predict_probs(logits, out["dist_logits"])
+    return (1.0 - w) * cls_loss + w * dist_loss, {
+        "cls_loss": cls_loss, "dist_loss": dist_loss,
+        "top1": jnp.mean(top1_correct(probs, batch["label"])),
+        "teacher_top1": jnp.mean(top1_correct(teacher_logits, batch["label"]))}
+
+  def forward_flops(self) -> float:
+    flops = vit_lib.forward_flops(self.model_config)
+    if self.teacher is not None:
+      flops += 2 * self.model_config.size["width"] * self.num_classes  # distillation head
+    return flops
+
+  def flops_per_example(self) -> float:
+    # The frozen teacher runs forward only.
+    teacher = self.teacher.forward_flops() if self.teacher is not None else 0.0
+    return 3 * self.forward_flops() + teacher
+
+  def initial_params(self, params, shardings):
+    params = dict(params)
+    if self.teacher is not None:
+      params["teacher"] = checkpoint.restore_subtree(
+          self.teacher_workdir, ("params",), _with_shardings(params["teacher"],
+                                                            shardings["teacher"]))
+      logging.info("loaded the teacher from %s", self.teacher_workdir)
+    mae_workdir = (self.config.get("init") or {}).get("mae_workdir")
+    if mae_workdir:
+      vit = dict(params["vit"])
+      # Everything the MAE encoder has: not the head, nor a MAP pooling head.
+      keys = [k for k in vit if k not in ("head", "map_head")]
+      target = _with_shardings({k: vit[k] for k in keys},
+                               {k: shardings["vit"][k] for k in keys})
+      vit.update(checkpoint.restore_subtree(mae_workdir, ("params", "encoder"), target))
+      params["vit"] = vit
+      logging.info("loaded the encoder from the MAE run %s", mae_workdir)
+    return params
+
+
+def _teacher_task(workdir: str, config, num_classes_: int) -> ClassifierTask:
+  """The classifier task of a teacher run, built from its config.json, checked
+  against the student's data (the teacher sees the student's images)."""
+  teacher_cfg = load_run_config(workdir)
+  task = tasks.build_task(teacher_cfg, with_data=False)
+  if not isinstance(task, ClassifierTask):
+    raise ValueError(f"distill.teacher_workdir {workdir} is a {teacher_cfg.task!r} run, not an "
+                     f"image classifier ('convnet' or 'vit')")
+  if task.num_classes != num_classes_:
+    raise ValueError(f"the teacher in {workdir} has {task.num_classes} classes, the student "
+                     f"{num_classes_}")
+  for key in ("image_size", "transforms.normalize"):
+    theirs, ours = teacher_cfg.data, config.data
+    for part in key.split("."):
+      theirs, ours = theirs[part], ours[part]
+    if theirs != ours:
+      raise ValueError(f"the teacher in {workdir} was trained with data.{key}={theirs!r}, this "
+                       f"run has {ours!r}: the teacher must see images as it was trained")
+  return task
+
+
+# ---------------------------------------------------------------------------
+# "mae"
+
+
+@tasks.register("mae")
+class MAETask:
+  """Masked-autoencoder pretraining. model.vision: the encoder (stem 'linear');
+  model.mae: mask_ratio, decoder_width, decoder_depth, decoder_heads,
+  decoder_mlp_dim, norm_pix_loss. Labels are not read. eval/loss: the
+  reconstruction loss on the eval split under a fixed mask."""
+
+  batch_keys = ("image",)
+
+  def __init__(self, config, with_data: bool = True):
+    del with_data
+    self.config = config
+    self.data_cfg = config.data
+    encoder = _vit_config(config, pool="none", num_classes=0)
+    self.model_config = _dataclass(mae_lib.MAEConfig, config.model.mae, encoder=encoder)
+    self.model = mae_lib.MAE(self.model_config)
+    self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
+
+  def _keep(self, rng, batch: int):
+    return mae_lib.random_masking(rng, batch, self.model_config.encoder.num_patches,
+                                  self.model_config.num_masked)
+
+  def init(self, rng):
+    s = int(self.data_cfg.image_size)
+    keep, _ = self._keep(jax.random.PRNGKey(0), 1)
+    return self.model.init(rng, jnp.zeros((1, s, s, 3), jnp.float32), keep)["params"]
+
+  def batch_spec(self, batch_size: int) -> dict:
+    s = int(self.data_cfg.image_size)
+    return {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32)}
+
+  def loss(self, params, batch, rng):
+    images = batch["image"]
+    keep, mask = self._keep(rng, images.shape[0])
+    pred, _ = self.model.apply({"params": params}, images, keep)
+    cfg = self.model_config
+    loss = mae_lib.mae_loss(pred, images, mask, cfg.encoder.size["patch_size"], cfg.norm_pix_loss)
+    return loss, {"mask_fraction": jnp.mean(mask)}
+
+  def flops_per_example(self) -> float:
+    return 3 * mae_lib.forward_flops(self.model_config)
+
+  def train_batches(self, batch_size: int, seed: int, **shard):
+    return pipeline.train_iterator(self.data_cfg, batch_size=batch_size, seed=seed,
+                                   example_fn=ImageLabelExample(self.data_cfg), **shard)
+
+  def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    if getattr(self, "_eval_for", None) is not mesh:
+      cfg = self.model_config
+
+      def sums(p, images, valid, rng):
+        keep, mask = self._keep(rng, images.shape[0])
+        pred, _ = self.model.apply({"params": p}, images, keep)
+        target = mae_lib.reconstruction_targets(images, cfg.encoder.size["patch_size"],
+                                                cfg.norm_pix_loss)
+        per_patch = jnp.mean((pred - target) ** 2, axis=-1) * mask * valid[:, None]
+        return jnp.sum(per_patch), jnp.sum(mask * valid[:, None])
+
+      self._eval_for, self._sums = mesh, jax.jit(sums)
+    per_process = int(self.config.eval.batch_size) // jax.process_count()
+    total = count = 0.0
+    with parallel.activate(mesh, rules):
+      batches = pipeline.eval_iterator(self.data_cfg, split=self.data_cfg.eval_split,
+                                       batch_size=per_process,
+                                       example_fn=ImageLabelEvalExample(self.data_cfg))
+      for i, batch in enumerate(batches):
+        glob = parallel.host_to_global({"image": batch["image"],
+                                        "mask": batch["mask"].astype(np.float32)}, mesh)
+        s, c = self._sums(params, glob["image"], glob["mask"], jax.random.PRNGKey(i))
+        total, count = total + float(s), count + float(c)
+    return {"loss": total / max(count, 1.0)}
