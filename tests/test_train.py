@@ -309,3 +309,13 @@ def test_checkpoint_restores_on_other_meshes(data_dir, tmp_path):
     assert kernel.sharding.mesh.shape == t["mesh"].shape
     chex.assert_trees_all_equal(jax.device_get(restored.params), saved)
     np.testing.assert_allclose(_next_loss(t, restored, batch), want, rtol=1e-5)
+
+
+def test_the_loop_compiles_its_step_once(tmp_path, monkeypatch):
+  # Logging, evaluation, checkpoints and the preemption check between steps
+  # must not change what the step is traced with.
+  make = step_lib.make_train_step
+  monkeypatch.setattr(step_lib, "make_train_step",
+                      lambda *a, **k: chex.assert_max_traces(make(*a, **k), n=1))
+  last = loop.train(toy_config(), str(tmp_path / "toy"))
+  assert last["step"] == 12

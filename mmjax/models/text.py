@@ -38,6 +38,7 @@ class TextConfig:
   scan: bool = True
   remat: str = "none"
   dtype: str = "float32"
+  attention_impl: str | None = None  # jax.nn.dot_product_attention's; "cudnn": flash on GPU
   # Explicit sizes (0 = the size's), for imported checkpoints whose dims are not
   # in TEXT_SIZES; with width, depth and num_heads set, `size` may be "custom".
   width: int = 0
@@ -105,7 +106,8 @@ class TextTransformer(nn.Module):
     x, _, _ = layers.Stack(
         depth=depth,
         block_kwargs=dict(num_heads=heads, head_dim=width // heads, mlp_dim=cfg.hidden_dim,
-                          act=cfg.act, norm_eps=cfg.norm_eps, dtype=dtype),
+                          act=cfg.act, norm_eps=cfg.norm_eps, dtype=dtype,
+                          attention_impl=cfg.attention_impl),
         scan=cfg.scan, remat=cfg.remat, name="encoder")(x, mask)
     x = layers.LayerNorm(cfg.norm_eps, dtype, name="final_norm")(x)
     idx = eos_positions(ids, cfg.pool, cfg.eos_id)

@@ -107,6 +107,7 @@ class ViTConfig:
   remat: str = "none"
   dtype: str = "float32"
   stem: str = "linear"  # linear | conv (hybrid stem)
+  attention_impl: str | None = None  # jax.nn.dot_product_attention's; "cudnn": flash on GPU
   num_prefix_tokens: int = 1  # 1 = class token; 0 = none (gap / map pooling)
   # Explicit sizes (0 = the variant's), for imported checkpoints whose dims are
   # not in VIT_SIZES; with all four set the variant's SIZE may be "custom".
@@ -230,7 +231,7 @@ class ViT(nn.Module):
         depth=size["depth"],
         block_kwargs=dict(num_heads=size["num_heads"], head_dim=width // size["num_heads"],
                           mlp_dim=size["mlp_dim"], act=cfg.act, norm_eps=cfg.norm_eps,
-                          dtype=dtype),
+                          dtype=dtype, attention_impl=cfg.attention_impl),
         scan=cfg.scan, remat=cfg.remat, collect_hidden=self.collect_hidden,
         name="encoder")(x)
     out = {}

@@ -26,19 +26,27 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that every process agrees on at the same step."""
+  """Turns SIGTERM into a flag that every process agrees on at the same step.
 
-  def __init__(self):
+  Agreeing takes an all-gather, which waits for the step in flight (a host
+  sync); with several processes it runs only every `check_every` steps, so the
+  host keeps dispatching ahead of the devices in between.
+  """
+
+  def __init__(self, check_every: int = 10):
     self.flag = False
+    self.check_every = max(int(check_every), 1)
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.flag = True
 
-  def requested(self) -> bool:
+  def requested(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self.flag
+    if step % self.check_every:
+      return False
     return bool(multihost_utils.process_allgather(np.array(self.flag)).any())
 
   def restore(self):
@@ -115,7 +123,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   logging.info("model FLOPs per example %.3g; peak %.3g FLOP/s (%s)",
                flops_per_example, peak, peak_source)
 
-  preempt = _Preemption()
+  preempt = _Preemption(config.get("preemption_check_every", 10))
   progress = _progress(start, config.total_steps, is_main)
   profile = _Profiler(workdir, start, config.get("profile_steps", 0))
   last_logged: dict[str, Any] = {}
@@ -151,7 +159,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                                ex_s=f"{row.get('perf/examples_per_sec', 0):.0f}")
         if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
           row.update({f"eval/{k}": v for k, v in task.evaluate(state.params, mesh, rules).items()})
-        preempted = preempt.requested()
+        preempted = preempt.requested(step)
         if step % config.checkpoint_every == 0 or step == config.total_steps or preempted:
           if pending:  # never save params that produced a non-finite loss
             _check_finite(_reduce(pending[-1:]), step, ckpt)

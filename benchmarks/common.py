@@ -1,0 +1,171 @@
+"""What the step benchmarks share: XLA's CPU settings, timing two steps in
+alternation, this host's matmul peak, and the table and JSON they report.
+
+`configure_host()` must run before the first `import jax` of the process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+# XLA's CPU flags the step benchmarks run with (BUILD.md, 'Performance').
+# Eigen's multi-threaded contractions use every core for one matmul; the step's
+# ops are then run one after another, which on a few cores beats running
+# independent ops side by side on one core each.
+CPU_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=true",)
+
+
+def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
+  """Adds `xla_flags` to XLA_FLAGS (flags already set win); call before importing jax."""
+  if "jax" in sys.modules:
+    raise RuntimeError("benchmarks.common.configure_host() must run before `import jax`")
+  flags = os.environ.get("XLA_FLAGS", "")
+  extra = [f for f in xla_flags if f.split("=")[0] not in flags]
+  os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
+def machine() -> dict[str, Any]:
+  """What the numbers were measured on, with the load average at the time."""
+  info = {"platform": platform.platform(), "cpus": os.cpu_count(),
+          "processor": _cpu_model(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  import jax
+  info["jax"] = jax.__version__
+  info["device"] = jax.devices()[0].device_kind
+  return info
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def matmul_peak(n: int = 1536, repeats: int = 3) -> float:
+  """float32 matmul FLOP/s of this host through XLA: the best of `repeats`
+  timed [n, n] @ [n, n] products, each a chain of 4 so dispatch does not count."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / math.sqrt(n)
+
+  @jax.jit
+  def chain(x):
+    for _ in range(4):
+      x = x @ a
+    return x
+
+  chain(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    chain(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 4 * 2 * n ** 3 / best
+
+
+def alternate(steps: dict[str, Callable[[], Any]], *, repeats: int, steps_per_repeat: int,
+              warmup: int = 2, between: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+  """Seconds per step of each entry, timed in turn, `repeats` times.
+
+  Each callable runs one step and returns something to wait on (a JAX array,
+  a torch tensor, or None for synchronous code). Running them alternately
+  within one process exposes them to the same load, so their ratio survives a
+  busy machine. `between` (e.g. a matmul peak probe) runs once per repeat.
+  """
+  for fn in steps.values():
+    for _ in range(warmup):
+      _wait(fn())
+  times: dict[str, list[float]] = {name: [] for name in steps}
+  for _ in range(repeats):
+    if between is not None:
+      between()
+    for name, fn in steps.items():
+      start = time.perf_counter()
+      out = None
+      for _ in range(steps_per_repeat):
+        out = fn()
+      _wait(out)
+      times[name].append((time.perf_counter() - start) / steps_per_repeat)
+  return times
+
+
+def _wait(x) -> None:
+  if x is None:
+    return
+  if hasattr(x, "block_until_ready"):
+    x.block_until_ready()
+    return
+  import jax
+  jax.block_until_ready(x)
+
+
+def median(xs: list[float]) -> float:
+  return statistics.median(xs)
+
+
+def result_row(name: str, batch: int, flops_per_example: float, mmjax_s: list[float],
+               peer_s: list[float] | None, peaks: list[float], peer: str,
+               note: str = "", extra: dict | None = None) -> dict[str, Any]:
+  """One configuration's numbers: examples/s, ratio, achieved FLOP/s and its
+  fraction of the matmul peak (medians over the repeats)."""
+  mm = batch / median(mmjax_s)
+  peer_rate = batch / median(peer_s) if peer_s else None
+  peak = median(peaks)
+  achieved = mm * flops_per_example
+  row = {
+      "name": name, "batch": batch, "peer": peer,
+      "mmjax_examples_per_sec": round(mm, 3),
+      "peer_examples_per_sec": None if peer_rate is None else round(peer_rate, 3),
+      "ratio": None if peer_rate is None else round(mm / peer_rate, 3),
+      "flops_per_example": flops_per_example,
+      "achieved_flops_per_sec": round(achieved),
+      "matmul_peak_flops_per_sec": round(peak),
+      "fraction_of_peak": round(achieved / peak, 3),
+      "mmjax_step_s": [round(t, 4) for t in mmjax_s],
+      "peer_step_s": None if peer_s is None else [round(t, 4) for t in peer_s],
+      "matmul_peak_samples": [round(p) for p in peaks],
+  }
+  if note:
+    row["note"] = note
+  row.update(extra or {})
+  return row
+
+
+def print_table(title: str, rows: list[dict[str, Any]], peer: str) -> None:
+  print(f"\n{title}")
+  head = (f"{'config':<10}{'batch':>6}{'mmjax ex/s':>12}{peer + ' ex/s':>18}{'ratio':>8}"
+          f"{'GFLOP/s':>10}{'peak GFLOP/s':>14}{'of peak':>9}")
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    peer_rate = "skipped" if r["peer_examples_per_sec"] is None else f"{r['peer_examples_per_sec']:.2f}"
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    print(f"{r['name']:<10}{r['batch']:>6}{r['mmjax_examples_per_sec']:>12.2f}{peer_rate:>18}"
+          f"{ratio:>8}{r['achieved_flops_per_sec'] / 1e9:>10.1f}"
+          f"{r['matmul_peak_flops_per_sec'] / 1e9:>14.1f}{r['fraction_of_peak']:>9.0%}")
+    if r.get("note"):
+      print(f"{'':<10}note: {r['note']}")
+    if r.get("loss_difference_at_step_0") is not None:
+      print(f"{'':<10}step-0 loss: mmjax {r['mmjax_loss_at_step_0']:.6f}, {peer} "
+            f"{r['peer_loss_at_step_0']:.6f} (difference {r['loss_difference_at_step_0']:.2e})")
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"\nwrote {path}")

@@ -1,0 +1,255 @@
+"""The LLaVA stage-2 train step of mmjax against transformers'
+LlavaForConditionalGeneration (PyTorch) on the same model.
+
+  python -m benchmarks.llava_step [--configs=small,tiny] [--repeats=5] [--out=FILE.json]
+
+Stage 2: the CLIP vision tower is frozen, the projector (mlp2x_gelu) and the
+Llama-style LLM train, float32, AdamW, on one fixed batch of right-padded rows
+with one image each (labels on the answer tokens only). mmjax's params are
+exported into the transformers model with `mmjax.convert` (the same mapping as
+`python -m mmjax.convert --to=hf`) and the step-0 losses compared; the steps
+are then timed alternately in one process, medians reported, as in
+`benchmarks.clip_step`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from benchmarks import common
+
+# name -> the model and batch: "small" is tiny-but-not-trivial (a 6-layer
+# width-256 tower at 112 px, 64 image tokens, a 4-layer width-512 LLM with GQA,
+# 159 positions); "tiny" runs in seconds for the CI smoke test.
+CONFIGS = {
+    "small": dict(vision=dict(variant="custom/14", width=256, depth=6, mlp_dim=1024, num_heads=4),
+                  image_size=112,
+                  llm=dict(width=512, depth=4, num_heads=8, num_kv_heads=4, mlp_dim=1408,
+                           vocab_size=8192),
+                  max_len=96, batch=8),
+    "tiny": dict(vision=dict(variant="tiny/8"), image_size=32,
+                 llm=dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                          vocab_size=256),
+                 max_len=24, batch=4),
+}
+IMAGE_TOKEN = 4
+
+
+@dataclasses.dataclass
+class Options:
+  scan: bool = False
+  remat: str = "none"
+  dtype: str = "float32"
+  attention: str | None = None  # jax.nn.dot_product_attention's implementation
+
+
+def mmjax_config(c: dict, opts: Options, lr: float = 2e-5):
+  import ml_collections
+
+  from experiments import common as exp
+  config = exp.base_config("llava")
+  config.stage = 2
+  config.batch_size = c["batch"]
+  config.total_steps = 10_000
+  config.optim.update(lr=lr, warmup_steps=0, weight_decay=0.0, clip_norm=0.0,
+                      frozen=["vision/.*"])
+  config.model = ml_collections.ConfigDict({
+      "vision": dict(c["vision"], pool="none", pre_norm=True, norm_eps=1e-5, act="quick_gelu",
+                     attention_impl=opts.attention),
+      "llm": dict({"size": "custom", "rope_theta": 10000.0, "norm_eps": 1e-5,
+                   "tie_embeddings": False}, **c["llm"], attention_impl=opts.attention),
+      "projector": "mlp2x_gelu", "feature_layer": -2, "keep_cls": False,
+      "image_token_id": IMAGE_TOKEN, "dtype": opts.dtype, "scan": opts.scan,
+      "remat": opts.remat})
+  config.data = ml_collections.ConfigDict({"image_size": c["image_size"],
+                                           "max_len": c["max_len"], "template": "vicuna_v1",
+                                           "system_prompt": None})
+  return config
+
+
+def build_mmjax_step(config, devices=None):
+  """(jitted train step, initial state, task, mesh, rules) of the llava task."""
+  import jax
+
+  from mmjax import parallel
+  from mmjax.train import llava_tasks, loop, step as step_lib
+  devices = devices or jax.devices()[:1]
+  task = llava_tasks.LLaVATask(config, with_data=False)
+  s = loop.build(config, devices, task=task)
+  with parallel.activate(s["mesh"], s["rules"]):
+    state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
+                    out_shardings=s["shardings"])()
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"]),
+      s["shardings"], s["mesh"], task.batch_spec(config.batch_size))
+  return train_step, state, task, s["mesh"], s["rules"]
+
+
+def make_batch(c: dict, seed: int = 0):
+  """image [B, H, W, 3]; tokens [B, T]: BOS, `<image>`, a question, an answer,
+  right padding (0); labels [B, T]: the answer tokens, -100 elsewhere."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  b, t, v = c["batch"], c["max_len"], c["llm"]["vocab_size"]
+  image = rng.normal(size=(b, c["image_size"], c["image_size"], 3)).astype(np.float32)
+  tokens = np.zeros((b, t), np.int32)
+  labels = np.full((b, t), -100, np.int32)
+  for i in range(b):
+    n = int(rng.integers(t * 3 // 4, t + 1))  # this row's length
+    q = int(rng.integers(3, n // 2))  # question end
+    tokens[i, :n] = rng.integers(IMAGE_TOKEN + 1, v, n)
+    tokens[i, 0], tokens[i, 1] = 1, IMAGE_TOKEN
+    labels[i, q:n] = tokens[i, q:n]
+  return image, tokens, labels
+
+
+# --------------------------------------------------------------------------
+# transformers
+
+
+def hf_model(params, model_cfg):
+  """LlavaForConditionalGeneration holding `params` (exported by mmjax.convert)."""
+  import numpy as np
+  import torch
+  import transformers
+
+  from mmjax.convert import llava as llava_conv, mapping
+  hf = llava_conv.hf_config(model_cfg)
+  config = transformers.LlavaConfig(**{k: v for k, v in hf.items() if k != "architectures"})
+  model = transformers.LlavaForConditionalGeneration(config)
+  keys = set(model.state_dict())
+  layout = llava_conv.layout(keys)
+  prepared = llava_conv.prepare_export(mapping.scanned(params), model_cfg)
+  tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in
+             mapping.export_tensors(prepared, llava_conv.rules(model_cfg, layout))}
+  missing = sorted(k for k in keys - set(tensors) if not k.endswith("position_ids"))
+  if missing:
+    raise KeyError(f"transformers params without an mmjax source: {missing[:8]}")
+  model.load_state_dict(tensors, strict=False)
+  return model
+
+
+def make_hf_step(model, image, tokens, labels, num_image_tokens: int, lr: float = 2e-5):
+  """transformers' stage-2 step: vision tower frozen, AdamW on the rest."""
+  import numpy as np
+  import torch
+  model.model.vision_tower.requires_grad_(False)
+  model.train()
+  trained = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+  # `<image>` sits at position 1 of every row (make_batch).
+  ids = np.stack([np.concatenate([r[:1], np.full(num_image_tokens, IMAGE_TOKEN), r[2:]])
+                  for r in tokens])
+  lab = np.stack([np.concatenate([r[:1], np.full(num_image_tokens, -100), r[2:]])
+                  for r in labels])
+  inputs = dict(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(ids != 0).long(),
+                pixel_values=torch.from_numpy(image).permute(0, 3, 1, 2).contiguous(),
+                labels=torch.from_numpy(lab).long())
+
+  def loss():
+    return model(**inputs).loss
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss().backward()
+    opt.step()
+    return None
+
+  return step, loss
+
+
+# --------------------------------------------------------------------------
+
+
+def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
+               peer: bool = True) -> dict:
+  import jax
+  import numpy as np
+
+  from mmjax import parallel
+  c = CONFIGS[name]
+  config = mmjax_config(c, opts)
+  train_step, state, task, mesh, rules = build_mmjax_step(config)
+  image, tokens, labels = make_batch(c)
+  host = {"image": image, "tokens": tokens, "labels": labels}
+  batch = jax.device_put(host, {k: parallel.batch_sharding(mesh, x.ndim) for k, x in host.items()})
+
+  note, hf_step, peer_loss = "", None, None
+  if peer:
+    try:
+      import torch
+      import transformers  # noqa: F401
+    except ImportError as e:
+      note = f"transformers not importable ({e}); pip install -e '.[convert]' to compare"
+    else:
+      torch.manual_seed(0)
+      model = hf_model(jax.device_get(state.params), task.model_config)
+      hf_step, hf_loss = make_hf_step(model, image, tokens, labels,
+                                      task.model_config.num_image_tokens)
+      with torch.no_grad():
+        peer_loss = float(hf_loss())
+  else:
+    note = "peer skipped (--no_peer)"
+  if note:
+    print(f"[{name}] {note}")
+
+  holder = {"state": state}
+  with parallel.activate(mesh, rules):
+    mm_loss = float(jax.jit(lambda p, b: task.loss(p, b, None)[0])(state.params, batch))
+
+    def mm_step():
+      holder["state"], metrics = train_step(holder["state"], batch)
+      return metrics["train/loss"]
+
+    peaks: list[float] = []
+    fns = {"mmjax": mm_step}
+    if hf_step is not None:
+      fns["peer"] = hf_step
+    times = common.alternate(fns, repeats=repeats, steps_per_repeat=steps, warmup=warmup,
+                             between=lambda: peaks.append(common.matmul_peak()))
+    final_loss = float(mm_step())
+  if not np.isfinite(final_loss):
+    raise FloatingPointError(f"[{name}] mmjax's loss is {final_loss} after the timed steps")
+  extra = {"config": c, "mmjax_options": dataclasses.asdict(opts),
+           "sequence_length": c["max_len"] - 1 + task.model_config.num_image_tokens,
+           "mmjax_loss_at_step_0": mm_loss, "peer_loss_at_step_0": peer_loss,
+           "loss_difference_at_step_0": None if peer_loss is None else abs(mm_loss - peer_loss),
+           "mmjax_loss_after": final_loss}
+  return common.result_row(name, c["batch"], task.flops_per_example(), times["mmjax"],
+                           times.get("peer"), peaks, "transformers", note=note, extra=extra)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.llava_step")
+  parser.add_argument("--configs", default="small,tiny", help=f"comma-separated: {list(CONFIGS)}")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--scan", action="store_true", help="scan the layers (default: unrolled)")
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--no_peer", action="store_true", help="time mmjax alone")
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  args = parser.parse_args(argv)
+  if "jax" not in sys.modules:
+    common.configure_host()
+  opts = Options(scan=args.scan, remat=args.remat)
+  names = [n for n in args.configs.split(",") if n]
+  unknown = sorted(set(names) - set(CONFIGS))
+  if unknown:
+    raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+  rows = [run_config(n, opts, args.repeats, args.steps, args.warmup, peer=not args.no_peer)
+          for n in names]
+  results = {"benchmark": "llava_step", "machine": common.machine(), "repeats": args.repeats,
+             "steps_per_repeat": args.steps, "configs": {r["name"]: r for r in rows}}
+  common.print_table("LLaVA stage-2 train step (float32, AdamW): mmjax vs transformers, medians",
+                     rows, "transformers")
+  print(f"load average (1, 5, 15 min): {results['machine']['load_avg_1_5_15']}")
+  common.write_json(args.out, results)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,66 @@
+"""The step benchmarks run end to end on their tiny configurations (one repeat):
+the JSON has its keys, and where the peer is installed its step-0 loss equals
+mmjax's. The numbers themselves are not checked (a shared CPU's timings vary)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from benchmarks import clip_step, compile as compile_bench, gpu, llava_step
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("mmjax_examples_per_sec", "peer_examples_per_sec", "ratio", "achieved_flops_per_sec",
+        "matmul_peak_flops_per_sec", "fraction_of_peak")
+FAST = ["--configs=tiny", "--repeats=1", "--steps=1", "--warmup=1"]
+
+
+def _row(path, name="tiny"):
+  with open(path) as f:
+    results = json.load(f)
+  assert results["machine"]["cpus"] >= 1
+  row = results["configs"][name]
+  assert set(KEYS) <= set(row)
+  assert row["mmjax_examples_per_sec"] > 0 and row["achieved_flops_per_sec"] > 0
+  assert 0 < row["fraction_of_peak"] and row["matmul_peak_flops_per_sec"] > 0
+  return row
+
+
+def test_clip_step_tiny(tmp_path):
+  out = tmp_path / "clip.json"
+  clip_step.main([*FAST, f"--out={out}"])
+  row = _row(out)
+  if importlib.util.find_spec("open_clip") is None:
+    # CI has no open_clip: the peer is skipped, said so, and its numbers are null.
+    assert row["peer_examples_per_sec"] is None and row["ratio"] is None
+    assert "open_clip not importable" in row["note"]
+  else:
+    assert row["ratio"] > 0
+    assert row["loss_difference_at_step_0"] < 1e-4
+
+
+def test_llava_step_tiny_against_transformers(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  out = tmp_path / "llava.json"
+  llava_step.main([*FAST, f"--out={out}"])
+  row = _row(out)
+  assert row["ratio"] > 0
+  assert row["loss_difference_at_step_0"] < 1e-4
+
+
+def test_compile_reports_time_and_memory(tmp_path):
+  out = tmp_path / "compile.json"
+  r = compile_bench.main(["--variant=tiny/8", "--text=tiny", "--embed_dim=32",
+                          "--image_size=32", "--batch=4", f"--out={out}"])
+  assert r["compile_s"] > 0 and r["peak_rss_mib"] >= r["rss_before_mib"] > 0
+  assert json.load(open(out))["scan"] is True
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path):
+  out = tmp_path / "gpu.json"
+  r = gpu.main(["--smoke", "--steps=1", f"--out={out}"])
+  for name in ("clip", "llava"):
+    assert r[name]["finite"] and r[name]["examples_per_sec"] > 0 and r[name]["mfu"] > 0
+  assert r["clip"]["batch"] == gpu.SMOKE_CLIP_BATCHES[0]
