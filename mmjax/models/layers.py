@@ -196,6 +196,9 @@ class Attention(nn.Module):
   rope_theta: float | None = None
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None  # None: let JAX pick; "cudnn" forces flash on GPU
+  # Also sow the softmax weights [B, N, T, S] as intermediates/attention (for
+  # figures; the output is still computed by dot_product_attention).
+  sow_weights: bool = False
 
   @nn.compact
   def __call__(
@@ -232,9 +235,25 @@ class Attention(nn.Module):
 
     out = jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=self.attention_impl)
+    if self.sow_weights:
+      self.sow("intermediates", "attention", attention_weights(q, k, mask))
     out = DenseND((x.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                   dtype=self.dtype, name="out")(out)
     return out, new_cache
+
+
+def attention_weights(q: Array, k: Array, mask: Array | None = None) -> Array:
+  """The softmax weights of dot_product_attention, in float32: [B, N, T, S].
+
+  q: [B, T, N, H]; k: [B, S, K, H] with K dividing N (GQA); mask as for
+  dot_product_attention (True = may attend).
+  """
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+  scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32))
+  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -289,6 +308,7 @@ class Block(nn.Module):
   rope_theta: float | None = None
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  sow_attention: bool = False  # see Attention.sow_weights
 
   @nn.compact
   def __call__(self, x, mask=None, positions=None, cache=None):
@@ -296,7 +316,8 @@ class Block(nn.Module):
     h, new_cache = Attention(
         num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
         use_bias=self.use_bias, rope_theta=self.rope_theta, dtype=self.dtype,
-        attention_impl=self.attention_impl, name="attn")(h, mask, positions, cache)
+        attention_impl=self.attention_impl, sow_weights=self.sow_attention,
+        name="attn")(h, mask, positions, cache)
     x = act_constrain(x + h)
     h = make_norm(self.norm, self.norm_eps, self.dtype, name="norm2")(x)
     h = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, dtype=self.dtype, name="mlp")(h)
@@ -351,7 +372,8 @@ class Stack(nn.Module):
     if self.scan:
       scanned = nn.scan(
           body,
-          variable_axes={"params": 0},
+          # Sown intermediates (attention weights) come out stacked on the layer axis.
+          variable_axes={"params": 0, "intermediates": 0},
           split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast, nn.broadcast),
           length=self.depth,

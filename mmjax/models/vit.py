@@ -178,10 +178,15 @@ class ViT(nn.Module):
   `keep` [B, K] (int): the encoder sees only these patches (row-major patch
   indices, after their position embeddings), as MAE's encoder does; the
   sequence is then the prefix tokens and the K kept patches.
+
+  With `sow_attention`, each block's softmax weights are sown into the
+  `intermediates` collection (apply with mutable=["intermediates"]);
+  `stacked_attention` turns them into one [L, B, heads, N, N] array.
   """
 
   config: ViTConfig
   collect_hidden: bool = False
+  sow_attention: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None):
@@ -231,7 +236,8 @@ class ViT(nn.Module):
         depth=size["depth"],
         block_kwargs=dict(num_heads=size["num_heads"], head_dim=width // size["num_heads"],
                           mlp_dim=size["mlp_dim"], act=cfg.act, norm_eps=cfg.norm_eps,
-                          dtype=dtype, attention_impl=cfg.attention_impl),
+                          dtype=dtype, sow_attention=self.sow_attention,
+                          attention_impl=cfg.attention_impl),
         scan=cfg.scan, remat=cfg.remat, collect_hidden=self.collect_hidden,
         name="encoder")(x)
     out = {}
@@ -259,3 +265,24 @@ class ViT(nn.Module):
                                    nn.initializers.zeros, ("embed", None)))(pooled)
       return out["logits"], out
     return pooled, out
+
+
+def stacked_attention(intermediates: dict, depth: int) -> jax.Array:
+  """A ViT's sown attention weights (see `ViT.sow_attention`) -> [L, B, heads, N, N].
+
+  `intermediates` is the collection of a ViT applied on its own; scanned
+  encoders sow one array stacked on the layer axis, unrolled ones one per layer.
+  """
+  encoder = intermediates.get("encoder", {})
+  if "layers" in encoder:
+    weights = encoder["layers"]["block"]["attn"]["attention"][0]
+  else:
+    missing = [i for i in range(depth) if f"layers_{i}" not in encoder]
+    if missing:
+      raise ValueError(f"no sown attention weights for encoder layers {missing}: apply the ViT "
+                       f"with sow_attention=True and mutable=['intermediates']")
+    weights = jnp.stack([encoder[f"layers_{i}"]["block"]["attn"]["attention"][0]
+                         for i in range(depth)])
+  if weights.shape[0] != depth:
+    raise ValueError(f"sown attention has {weights.shape[0]} layers, the ViT {depth}")
+  return weights
