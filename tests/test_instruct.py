@@ -164,7 +164,8 @@ def test_cli_writes_llava_json_images_and_prompts(data, tok):
   # The pipeline's LLaVA source reads the files, and every record tokenises.
   src = sources.LlavaSource(os.path.join(data, "instruct.json"), data)
   ex = src[0]
-  assert ex["image"].shape == (32, 32, 3) and not ex["bad"]
+  size = instruct.Settings().image_size
+  assert ex["image"].shape == (size, size, 3) and not ex["bad"]
   tmpl = instruct.get_template("vicuna_v1")
   for r in instructs:
     instruct.tokenize(r["conversations"], tok, tmpl, sample_id=r["id"])

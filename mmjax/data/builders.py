@@ -69,8 +69,8 @@ class ShapesBuilder(OfflineBuilder):
   """Synthetic coloured shapes with captions, boxes and the symbolic scene."""
 
   name = "shapes"
-  # Prepared data is reused by version: bump it whenever the generator's output changes.
-  VERSION = tfds.core.Version("1.0.0")
+  # Prepared data is reused by version, the generator's (shapes.VERSION).
+  VERSION = tfds.core.Version(shapes.VERSION)
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config

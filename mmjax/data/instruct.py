@@ -19,7 +19,7 @@ scene; `--emit_prompts` also writes the text-only prompts (captions + boxes +
 instructions + a few-shot example) to send to a text LLM instead.
 
   python -m mmjax.data.instruct --out=DIR [--num_train=6000 --num_eval=100
-      --image_size=32 --emit_prompts]
+      --image_size=64 --emit_prompts]
 
 writes DIR/images/{train,eval}/NNNNNN.png, DIR/captions.json (stage 1),
 DIR/instruct.json (stage 2), DIR/captions_eval.json and DIR/vqa_eval.json
@@ -379,7 +379,7 @@ def _response_text(kind: str, scene: dict, rng) -> str:
 class Settings:
   num_train: int = 6000
   num_eval: int = 100
-  image_size: int = 32
+  image_size: int = 64
   seed: int = 0
   single_fraction: float = 0.3
   held_out_fraction: float = 0.15
@@ -391,7 +391,7 @@ class Settings:
   emit_prompts: bool = False
 
   def name(self) -> str:
-    return "-".join(f"{f.name.replace('_', '')}{getattr(self, f.name)}"
+    return f"v{shapes.VERSION}-" + "-".join(f"{f.name.replace('_', '')}{getattr(self, f.name)}"
                     for f in dataclasses.fields(self) if f.name != "emit_prompts")
 
 
@@ -405,7 +405,7 @@ def prepare(out: str | None = None, **kwargs) -> str:
   settings = Settings(**kwargs)
   out = os.path.abspath(out or default_dir(settings))
   marker = os.path.join(out, "settings.json")
-  want = dataclasses.asdict(settings)
+  want = {**dataclasses.asdict(settings), "generator": shapes.VERSION}
   if _done(marker, want):
     return out
   os.makedirs(out, exist_ok=True)

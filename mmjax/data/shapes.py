@@ -34,8 +34,11 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "c
 PLURALS = {"cross": "crosses"}
 SIZES: tuple[str, ...] = ("small", "large")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# The generator's version: bump it whenever its output changes, so that prepared
+# data (the TFDS builder, the instruction data) is written again.
+VERSION = "1.1.0"
 # Half-extent of an object as a fraction of the image side, per size.
-_RADIUS = {"small": (0.07, 0.10), "large": (0.14, 0.19)}
+_RADIUS = {"small": (0.10, 0.13), "large": (0.16, 0.21)}
 _SUPERSAMPLE = 4
 _HELD_OUT_SEED = 20240601
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
