@@ -8,9 +8,13 @@ from experiments import common
 from mmjax.data.pipeline import default_data_config
 
 
+# The vision tower (and image size): experiments/llava_shapes.py builds the
+# same one to read a CLIP run of this config.
+TOWER = dict(vision="nano", patch=8, image_size=64, stem="conv", pool="map")
+
+
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, image_size=64, patch=8, steps=1000, vision="nano",
-                      text="nano", stem="conv", single=0.5, lr=2e-3)
+  a = common.parse_arg(arg, runlocal=False, steps=1500, text="nano", single=0.5, lr=2e-3, **TOWER)
   c = common.base_config("clip")
   c.init = common.clip_init()
   c.total_steps = a.steps
@@ -23,6 +27,10 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
   c.model = common.clip_model(f"{a.vision}/{a.patch}", a.text, 64)
   c.model.vision.stem = a.stem
+  # Attention pooling (a learned probe) finds the objects among background
+  # tokens much sooner than a class token does.
+  c.model.vision.pool = a.pool
+  c.model.vision.num_prefix_tokens = int(a.pool == "cls")
   c.data = default_data_config("shapes")
   c.data.image_size = a.image_size
   c.data.builder_kwargs.single_fraction = a.single

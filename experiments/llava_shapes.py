@@ -12,7 +12,7 @@ on generated visual instructions (CLIP tower frozen).
 
 import ml_collections
 
-from experiments import common
+from experiments import clip_shapes, common
 from mmjax.data.pipeline import default_data_config
 
 
@@ -38,8 +38,10 @@ def instruct_data(a) -> ml_collections.ConfigDict:
 
 def model_config(a) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
-      # The tower of experiments/clip_shapes.py (same variant and patch).
-      "vision": {"variant": f"{a.vision}/{a.patch}", "pool": "none", "pre_norm": True,
+      # The tower of experiments/clip_shapes.py (clip_shapes.TOWER), read token
+      # by token: no pooling; a class token only where that CLIP pools with one.
+      "vision": {"variant": f"{a.vision}/{a.patch}", "pool": "none", "stem": a.stem,
+                 "num_prefix_tokens": int(a.pool == "cls"), "pre_norm": True,
                  "norm_eps": 1e-5, "act": "gelu"},
       "llm": {"size": a.llm, "vocab_size": 0, "tie_embeddings": False},  # 0: the tokenizer's
       "projector": "mlp2x_gelu",
@@ -53,9 +55,8 @@ def model_config(a) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, stage=2, runlocal=False, steps=0, llm="nano", vision="micro", patch=8,
-                       image_size=32, num_train=6000, num_eval=100, data="", clip="", lm="",
-                       stage1="")
+  a = common.parse_arg(arg, stage=2, runlocal=False, steps=0, llm="nano", num_train=6000,
+                       num_eval=100, data="", clip="", lm="", stage1="", **clip_shapes.TOWER)
   c = common.base_config("llava")
   c.stage = a.stage
   c.model = model_config(a)

@@ -5,12 +5,12 @@ to, since no pretrained LLM can be downloaded here.
   python -m mmjax.train --config=experiments/lm_shapes.py --workdir=DIR/lm
 """
 
-from experiments import common, llava_shapes
+from experiments import clip_shapes, common, llava_shapes
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, steps=300, llm="nano", image_size=32, num_train=6000,
-                       num_eval=100, data="")
+  a = common.parse_arg(arg, runlocal=False, steps=300, llm="nano", num_train=6000, num_eval=100,
+                       data="", image_size=clip_shapes.TOWER["image_size"])
   c = common.base_config("lm")
   c.total_steps = a.steps
   c.batch_size = 32
@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.1
   c.optim.b2 = 0.95
-  c.model = llava_shapes.model_config(common.parse_arg(None, llm=a.llm, vision="micro", patch=8))
+  c.model = llava_shapes.model_config(common.parse_arg(None, llm=a.llm, **clip_shapes.TOWER))
   del c.model["vision"], c.model["projector"], c.model["feature_layer"], c.model["keep_cls"]
   c.data = llava_shapes.instruct_data(a)
   c.eval.batch_size = 32

@@ -7,11 +7,13 @@
 # Each stage is a normal workdir: DIR/clip, DIR/lm, DIR/stage1, DIR/stage2, with
 # the instruction data in DIR/data. Re-running resumes (finished stages are
 # no-ops). Environment: PYTHON (default python), CLIP_STEPS, LM_STEPS,
-# STAGE1_STEPS, STAGE2_STEPS to shorten or lengthen the stages.
+# STAGE1_STEPS, STAGE2_STEPS to shorten or lengthen the stages; CLIP_WORKDIR=D
+# takes the vision tower from an existing run of experiments/clip_shapes.py
+# (the README's main job) instead of training one in DIR/clip.
 set -euo pipefail
 DIR=${1:?usage: bash launch/llava_shapes.sh DIR}
 PY=${PYTHON:-python}
-CLIP_STEPS=${CLIP_STEPS:-300}
+CLIP_STEPS=${CLIP_STEPS:-1500}
 LM_STEPS=${LM_STEPS:-200}
 STAGE1_STEPS=${STAGE1_STEPS:-200}
 STAGE2_STEPS=${STAGE2_STEPS:-600}
@@ -22,28 +24,35 @@ stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
 stamp "instruction data -> $DIR/data"
 $PY -m mmjax.data.instruct --out="$DIR/data"
-stamp "CLIP (vision tower) -> $DIR/clip"
-# The tower that experiments/llava_shapes.py expects: micro/8 (linear stem) at 32 px.
-$PY -m mmjax.train \
-    --config="experiments/clip_shapes.py:vision=micro,patch=8,image_size=32,stem=linear,steps=$CLIP_STEPS" \
-    --workdir="$DIR/clip" --config.eval_every="$CLIP_STEPS" --config.checkpoint_every="$CLIP_STEPS"
+if [[ -n "${CLIP_WORKDIR:-}" ]]; then
+  CLIP="$CLIP_WORKDIR"
+  [[ -d "$CLIP/checkpoints" ]] || { echo "CLIP_WORKDIR=$CLIP has no checkpoints/" >&2; exit 1; }
+  stamp "CLIP (vision tower) <- $CLIP"
+else
+  CLIP="$DIR/clip"
+  stamp "CLIP (vision tower) -> $CLIP"
+  # The tower that experiments/llava_shapes.py expects: clip_shapes.py's own.
+  $PY -m mmjax.train --config="experiments/clip_shapes.py:steps=$CLIP_STEPS" \
+      --workdir="$CLIP" --config.eval_every="$CLIP_STEPS" --config.checkpoint_every="$CLIP_STEPS"
+fi
 stamp "LM pretraining -> $DIR/lm"
 $PY -m mmjax.train --config="experiments/lm_shapes.py:data=$DIR/data,steps=$LM_STEPS" \
     --workdir="$DIR/lm"
 stamp "stage 1 (projector) -> $DIR/stage1"
 $PY -m mmjax.train \
-    --config="experiments/llava_shapes.py:stage=1,data=$DIR/data,clip=$DIR/clip,lm=$DIR/lm,steps=$STAGE1_STEPS" \
+    --config="experiments/llava_shapes.py:stage=1,data=$DIR/data,clip=$CLIP,lm=$DIR/lm,steps=$STAGE1_STEPS" \
     --workdir="$DIR/stage1"
 stamp "stage 2 (instruction tuning) -> $DIR/stage2"
 $PY -m mmjax.train \
     --config="experiments/llava_shapes.py:stage=2,data=$DIR/data,stage1=$DIR/stage1,steps=$STAGE2_STEPS" \
     --workdir="$DIR/stage2"
 stamp "done"
-$PY - "$DIR" <<'PYEOF'
+$PY - "$DIR" "$CLIP" <<'PYEOF'
 import json, sys
-root = sys.argv[1]
-for stage in ("clip", "lm", "stage1", "stage2"):
-  rows = [json.loads(l) for l in open(f"{root}/{stage}/metrics.jsonl")]
+root, clip = sys.argv[1:]
+for stage, workdir in (("clip", clip), ("lm", f"{root}/lm"), ("stage1", f"{root}/stage1"),
+                       ("stage2", f"{root}/stage2")):
+  rows = [json.loads(l) for l in open(f"{workdir}/metrics.jsonl")]
   last = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
   print(stage, json.dumps({k: round(v, 4) for k, v in sorted(last.items())}))
 PYEOF

@@ -88,12 +88,14 @@ def _abstract(x):
 
 
 def restore_subtree(directory: str, path: tuple[str, ...], target: Any,
-                    step: int | None = None) -> Any:
+                    step: int | None = None, ignore_extra: bool = False) -> Any:
   """Restores one sub-tree of another run's train state, e.g. ("params", "vision").
 
   `directory` is a workdir (or its checkpoints folder); `target` is a tree of
   arrays or jax.ShapeDtypeStruct (with shardings) shaped like the sub-tree.
   Only that sub-tree is read (no optimizer state), onto the target's shardings.
+  ignore_extra: saved params that the target lacks are skipped (a CLIP tower's
+  pooling head, when LLaVA reads only its tokens); otherwise they are an error.
   """
   directory = os.path.abspath(directory)
   if os.path.isdir(os.path.join(directory, "checkpoints")):
@@ -114,6 +116,8 @@ def restore_subtree(directory: str, path: tuple[str, ...], target: Any,
             f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__})")
       saved = saved[key]
     saved_shapes, wanted = flat_shapes(saved), flat_shapes(target)
+    if ignore_extra:
+      saved_shapes = {k: v for k, v in saved_shapes.items() if k in wanted}
     if saved_shapes != wanted:
       missing = sorted(set(wanted) - set(saved_shapes))
       extra = sorted(set(saved_shapes) - set(wanted))

@@ -111,7 +111,7 @@ def test_features_are_the_projected_penultimate_layer():
 
 # -- the tasks through the shared loop ------------------------------------------
 
-TINY_ARGS = "runlocal=true,llm=tiny,num_train=48,num_eval=6"
+TINY_ARGS = "runlocal=true,llm=tiny,num_train=48,num_eval=6,image_size=32"
 
 
 def _config(module, workdir_data, **kw):

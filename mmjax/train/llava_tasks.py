@@ -364,17 +364,18 @@ class LLaVATask:
   def initial_params(self, params, shardings):
     init = self.config.get("init") or {}
     params = dict(params)
-    sources = []
+    sources = []  # (workdir, saved sub-tree, our sub-tree, skip saved params we lack)
     if init.get("stage1_workdir"):
-      sources += [(init.stage1_workdir, k, k) for k in ("vision", "projector", "llm")]
+      sources += [(init.stage1_workdir, k, k, False) for k in ("vision", "projector", "llm")]
     if init.get("clip_workdir"):
-      sources.append((init.clip_workdir, "vision", "vision"))
+      # LLaVA reads the tower's tokens: a CLIP pooling head (map_head) stays behind.
+      sources.append((init.clip_workdir, "vision", "vision", True))
     if init.get("lm_workdir"):
-      sources.append((init.lm_workdir, None, "llm"))
-    for workdir, src, dst in sources:
+      sources.append((init.lm_workdir, None, "llm", False))
+    for workdir, src, dst, ignore_extra in sources:
       path = ("params",) + ((src,) if src else ())
       target = _with_shardings(params[dst], shardings[dst])
-      params[dst] = checkpoint.restore_subtree(workdir, path, target)
+      params[dst] = checkpoint.restore_subtree(workdir, path, target, ignore_extra=ignore_extra)
       logging.info("loaded params/%s from %s (%s)", dst, workdir, "/".join(path))
     if not sources:
       logging.warning("llava stage %d starts from random weights: set init.clip_workdir, "
