@@ -2,7 +2,9 @@
 
 import logging
 
+from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from mmjax import distributed
 
@@ -20,3 +22,22 @@ def init_process() -> None:
   absl_logging.set_verbosity(absl_logging.INFO)
   handler = absl_logging.get_absl_handler()
   handler.addFilter(_DropChattyInfo())
+
+
+def experiment_flags(workdir_help: str):
+  """--config=experiments/NAME.py[:ARGS] (with --config.KEY=VALUE) and --workdir=DIR."""
+  config = config_flags.DEFINE_config_file("config", None, "experiment config file",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config, workdir
+
+
+def run(body) -> None:
+  """app.run(body()) after init_process; positional arguments are an error."""
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    init_process()
+    body()
+  app.run(main)

@@ -2,23 +2,10 @@
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
-
 from mmjax import cli
 from mmjax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's workdir")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.init_process()
-  print(json.dumps(loop.evaluate(_CONFIG.value, _WORKDIR.value), indent=2))
-
+_CONFIG, _WORKDIR = cli.experiment_flags("the training run's workdir")
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(lambda: print(json.dumps(loop.evaluate(_CONFIG.value, _WORKDIR.value), indent=2)))
