@@ -12,9 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip (REFERENCE.md), matched against device_kind.
+# Dense bf16 peak FLOP/s per chip (REFERENCE.md), matched in order against
+# device_kind. A v5p calls itself "TPU v5" and a v5e "TPU v5 lite": the lite
+# entries come first.
 PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12), ("v5p", 459e12), ("v5 lite", 197e12),
-              ("v5e", 197e12), ("v6", 918e12), ("v4", 275e12), ("a100", 312e12))
+              ("v5e", 197e12), ("v5", 459e12), ("v6", 918e12), ("v4", 275e12),
+              ("a100", 312e12))
 
 
 def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
@@ -30,12 +33,20 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
+def table_peak(device_kind: str) -> float | None:
+  """The table's peak FLOP/s for one chip of this kind; None if it is not listed."""
+  for key, value in PEAK_FLOPS:
+    if key in device_kind.lower():
+      return value
+  return None
+
+
 def peak_flops() -> tuple[float, str]:
   """(peak FLOP/s of all devices of the run together, where the number came from)."""
   kind = jax.devices()[0].device_kind
-  for key, value in PEAK_FLOPS:
-    if key in kind.lower():
-      return value * jax.device_count(), f"{kind} table"
+  value = table_peak(kind)
+  if value is not None:
+    return value * jax.device_count(), f"{kind} table"
   # Fake CPU devices share one host's cores: the host's matmul peak is the peak.
   return measure_matmul_peak() * jax.process_count(), "measured float32 matmul"
 
