@@ -88,14 +88,8 @@ class LMTask:
   batch_keys = ("tokens", "labels", "segments", "positions")
 
   def __init__(self, config, with_data: bool = True):
-    self.config = config
-    self.data_cfg = resolve_data(config.data) if with_data else config.data
-    self.tokenizer = _tokenizer(self.data_cfg) if with_data else None
-    m = config.model
-    vocab = m.llm.get("vocab_size") or (self.tokenizer.vocab_size if self.tokenizer else 0)
-    if not vocab:
-      raise ValueError("LMTask without data needs --config.model.llm.vocab_size")
-    self.model_config = _llm_config(m, vocab)
+    vocab = _read_data(self, config, with_data)
+    self.model_config = _llm_config(config.model, vocab)
     self.model = llm_lib.LLM(self.model_config)
     self.seq_len = int(config.data.seq_len)
     self.frozen = tuple(config.optim.get("frozen", ()) or ())
@@ -162,6 +156,19 @@ class LMTask:
 def _sum_loss(task: LMTask, params, batch):
   loss, aux = task.loss(params, batch, None)
   return loss * aux["tokens"], aux["tokens"]
+
+
+def _read_data(task, config, with_data: bool) -> int:
+  """Sets task.config, .data_cfg and .tokenizer (None without data); returns the
+  LLM's vocabulary size (the config's, else the tokenizer's)."""
+  task.config = config
+  task.data_cfg = resolve_data(config.data) if with_data else config.data
+  task.tokenizer = _tokenizer(task.data_cfg) if with_data else None
+  vocab = config.model.llm.get("vocab_size") or (
+      task.tokenizer.vocab_size if task.tokenizer else 0)
+  if not vocab:
+    raise ValueError(f"{type(task).__name__} without data needs --config.model.llm.vocab_size")
+  return vocab
 
 
 def _llm_config(m, vocab: int) -> llm_lib.LLMConfig:
@@ -294,14 +301,9 @@ class LLaVATask:
   batch_keys = ("image", "tokens", "labels")
 
   def __init__(self, config, with_data: bool = True):
-    self.config = config
     self.stage = int(config.stage)
-    self.data_cfg = resolve_data(config.data) if with_data else config.data
-    self.tokenizer = _tokenizer(self.data_cfg) if with_data else None
+    vocab = _read_data(self, config, with_data)
     m = config.model
-    vocab = m.llm.get("vocab_size") or (self.tokenizer.vocab_size if self.tokenizer else 0)
-    if not vocab:
-      raise ValueError("LLaVATask without data needs --config.model.llm.vocab_size")
     vision = tasks._dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
                                    dtype=m.dtype, scan=m.scan, remat=m.remat)
     self.model_config = llava_lib.LLaVAConfig(
