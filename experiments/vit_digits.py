@@ -4,7 +4,7 @@ with the remedies for its data hunger:
   python -m mmjax.train --config=experiments/vit_digits.py --workdir=runs/vit_digits
   :stem=conv                          hybrid stem (conv layers down to the patch grid)
   :teacher=runs/convnet_digits        DeiT hard-label distillation (convnet_digits.py)
-  :mae=runs/mae_digits                fine-tune the encoder of an MAE run (experiments/mae_digits.py)
+  :mae=runs/mae_digits                fine-tune the encoder of an MAE run (mae_digits.py)
   :labels=0.1                         train on a fixed 10% of the train labels
   :runlocal=true                      a 20-step smoke run
 """

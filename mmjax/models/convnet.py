@@ -9,7 +9,6 @@ BatchNorm: the train state holds params only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax

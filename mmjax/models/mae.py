@@ -11,7 +11,6 @@ pixels (each patch minus its mean, over its standard deviation).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
