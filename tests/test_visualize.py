@@ -225,7 +225,6 @@ def test_cli_writes_the_pictures_of_a_clip_workdir(tiny_root, tmp_path, capsys):
 
 
 def test_cli_on_a_supervised_conv_stem_vit_workdir(tiny_root, tmp_path, capsys):
-  pytest.importorskip("mmjax.train.vit_tasks")
   from experiments import vit_digits
   c = vit_digits.get_config("runlocal=true,variant=tiny,stem=conv")
   c.data.data_dir = str(tiny_root / "tfds")
@@ -233,4 +232,5 @@ def test_cli_on_a_supervised_conv_stem_vit_workdir(tiny_root, tmp_path, capsys):
   written = visualize.visualize(workdir, str(tmp_path), num_images=2)
   # No CLIP, no zero-shot panels; a conv stem has no patch filters to decompose.
   _assert_pngs(written, ["position_similarity", "attention_rollout"])
-  assert "'conv' stem has no 4x4 patch filters" in capsys.readouterr().out
+  patch = c.model.vision.variant.split("/")[1]
+  assert f"'conv' stem has no {patch}x{patch} patch filters" in capsys.readouterr().out
