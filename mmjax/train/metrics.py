@@ -123,12 +123,12 @@ def plot_report(workdir: str, title: str = "") -> str | None:
   x, y = series("train/lr")
   axes[1].plot(x, y, color="tab:orange")
   axes[1].set_xlabel("step"), axes[1].set_title("learning rate")
-  for k in eval_keys:
-    if "loss" not in k:
-      axes[2].plot(*series(k), "o-", label=k.removeprefix("eval/"))
+  scores = [k for k in eval_keys if "loss" not in k]  # losses are in the first panel
+  for k in scores:
+    axes[2].plot(*series(k), "o-", label=k.removeprefix("eval/"))
   axes[2].set_xlabel("step"), axes[2].set_title("evaluation")
   axes[2].set_ylim(0, 1.02)
-  if eval_keys:
+  if scores:
     axes[2].legend(fontsize=7)
   fig.suptitle(title or os.path.basename(os.path.abspath(workdir)))
   fig.tight_layout()
