@@ -18,10 +18,8 @@ its numbers are null.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 
 from benchmarks import common
 
@@ -270,32 +268,9 @@ def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.clip_step")
-  parser.add_argument("--configs", default="small,tiny", help=f"comma-separated: {list(CONFIGS)}")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--scan", action="store_true", help="scan the layers (default: unrolled)")
-  parser.add_argument("--remat", default="none")
-  parser.add_argument("--no_peer", action="store_true", help="time mmjax alone")
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
-  args = parser.parse_args(argv)
-  if "jax" not in sys.modules:
-    common.configure_host()
-  opts = Options(scan=args.scan, remat=args.remat)
-  names = [n for n in args.configs.split(",") if n]
-  unknown = sorted(set(names) - set(CONFIGS))
-  if unknown:
-    raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-  rows = [run_config(n, opts, args.repeats, args.steps, args.warmup, peer=not args.no_peer)
-          for n in names]
-  results = {"benchmark": "clip_step", "machine": common.machine(), "repeats": args.repeats,
-             "steps_per_repeat": args.steps, "configs": {r["name"]: r for r in rows}}
-  common.print_table("CLIP train step (float32, AdamW): mmjax vs open_clip, medians", rows,
-                     "open_clip")
-  print(f"load average (1, 5, 15 min): {results['machine']['load_avg_1_5_15']}")
-  common.write_json(args.out, results)
-  return results
+  return common.step_main(
+      argv, benchmark="clip_step", configs=CONFIGS, run_config=run_config, options=Options,
+      title="CLIP train step (float32, AdamW): mmjax vs open_clip, medians", peer="open_clip")
 
 
 if __name__ == "__main__":

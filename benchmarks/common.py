@@ -6,6 +6,7 @@ alternation, this host's matmul peak, and the table and JSON they report.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -169,3 +170,34 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
   print(f"\nwrote {path}")
+
+
+def step_main(argv, *, benchmark: str, configs: dict, run_config: Callable, options: Callable,
+              title: str, peer: str) -> dict:
+  """The command line of a step benchmark (clip_step, llava_step): each chosen
+  configuration through `run_config`, then the table and the JSON."""
+  parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{benchmark}")
+  parser.add_argument("--configs", default="small,tiny", help=f"comma-separated: {list(configs)}")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--scan", action="store_true", help="scan the layers (default: unrolled)")
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--no_peer", action="store_true", help="time mmjax alone")
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  args = parser.parse_args(argv)
+  if "jax" not in sys.modules:
+    configure_host()
+  opts = options(scan=args.scan, remat=args.remat)
+  names = [n for n in args.configs.split(",") if n]
+  unknown = sorted(set(names) - set(configs))
+  if unknown:
+    raise SystemExit(f"unknown configs {unknown}; choose from {list(configs)}")
+  rows = [run_config(n, opts, args.repeats, args.steps, args.warmup, peer=not args.no_peer)
+          for n in names]
+  results = {"benchmark": benchmark, "machine": machine(), "repeats": args.repeats,
+             "steps_per_repeat": args.steps, "configs": {r["name"]: r for r in rows}}
+  print_table(title, rows, peer)
+  print(f"load average (1, 5, 15 min): {results['machine']['load_avg_1_5_15']}")
+  write_json(args.out, results)
+  return results

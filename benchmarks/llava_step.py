@@ -14,9 +14,7 @@ are then timed alternately in one process, medians reported, as in
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 
 from benchmarks import common
 
@@ -223,32 +221,10 @@ def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.llava_step")
-  parser.add_argument("--configs", default="small,tiny", help=f"comma-separated: {list(CONFIGS)}")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--scan", action="store_true", help="scan the layers (default: unrolled)")
-  parser.add_argument("--remat", default="none")
-  parser.add_argument("--no_peer", action="store_true", help="time mmjax alone")
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
-  args = parser.parse_args(argv)
-  if "jax" not in sys.modules:
-    common.configure_host()
-  opts = Options(scan=args.scan, remat=args.remat)
-  names = [n for n in args.configs.split(",") if n]
-  unknown = sorted(set(names) - set(CONFIGS))
-  if unknown:
-    raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-  rows = [run_config(n, opts, args.repeats, args.steps, args.warmup, peer=not args.no_peer)
-          for n in names]
-  results = {"benchmark": "llava_step", "machine": common.machine(), "repeats": args.repeats,
-             "steps_per_repeat": args.steps, "configs": {r["name"]: r for r in rows}}
-  common.print_table("LLaVA stage-2 train step (float32, AdamW): mmjax vs transformers, medians",
-                     rows, "transformers")
-  print(f"load average (1, 5, 15 min): {results['machine']['load_avg_1_5_15']}")
-  common.write_json(args.out, results)
-  return results
+  return common.step_main(
+      argv, benchmark="llava_step", configs=CONFIGS, run_config=run_config, options=Options,
+      title="LLaVA stage-2 train step (float32, AdamW): mmjax vs transformers, medians",
+      peer="transformers")
 
 
 if __name__ == "__main__":
