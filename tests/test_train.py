@@ -14,7 +14,6 @@ import pytest
 
 from experiments import clip_shapes
 from mmjax import losses, parallel
-from mmjax.data import pipeline
 from mmjax.train import loop, optim, step as step_lib, tasks
 
 

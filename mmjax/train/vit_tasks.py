@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+
 import grain
 import jax
 import jax.numpy as jnp
