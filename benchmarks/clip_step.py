@@ -62,22 +62,11 @@ def mmjax_config(c: dict, opts: Options, lr: float = 5e-4):
 
 
 def build_mmjax_step(config, devices=None):
-  """(jitted train step, initial state, task, mesh): the library's own step on
-  `devices` (default: the first device)."""
-  import jax
-
-  from mmjax import parallel
-  from mmjax.train import loop, step as step_lib, tasks
-  devices = devices or jax.devices()[:1]
+  """(jitted train step, initial state, task, mesh, rules) of the clip task."""
+  from mmjax.train import tasks
   task = tasks.CLIPTask(config, with_data=False)
-  s = loop.build(config, devices, task=task)
-  with parallel.activate(s["mesh"], s["rules"]):
-    state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
-                    out_shardings=s["shardings"])()
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"]),
-      s["shardings"], s["mesh"], task.batch_spec(config.batch_size))
-  return train_step, state, task, s["mesh"], s["rules"]
+  train_step, state, mesh, rules = common.build_mmjax_step(config, task, devices)
+  return train_step, state, task, mesh, rules
 
 
 def make_batch(c: dict, seed: int = 0):
@@ -209,16 +198,11 @@ def make_open_clip_step(model, images, ids, lr: float = 5e-4):
 def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
                peer: bool = True) -> dict:
   import jax
-  import numpy as np
 
-  from mmjax import parallel
   c = CONFIGS[name]
   config = mmjax_config(c, opts)
   train_step, state, task, mesh, rules = build_mmjax_step(config)
   images, ids = make_batch(c)
-  batch = jax.device_put({"image": images, "text": ids},
-                         {k: parallel.batch_sharding(mesh, x.ndim)
-                          for k, x in (("image", images), ("text", ids))})
 
   note, torch_step, peer_loss = "", None, None
   if peer:
@@ -241,30 +225,17 @@ def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
   if not peer or torch_step is None:
     print(f"[{name}] {note}")
 
-  holder = {"state": state}
-  with parallel.activate(mesh, rules):
-    mm_loss = float(jax.jit(lambda p, b: task.loss(p, b, None)[0])(state.params, batch))
-
-    def mm_step():
-      holder["state"], metrics = train_step(holder["state"], batch)
-      return metrics["train/loss"]
-
-    peaks: list[float] = []
-    fns = {"mmjax": mm_step}
-    if torch_step is not None:
-      fns["peer"] = torch_step
-    times = common.alternate(fns, repeats=repeats, steps_per_repeat=steps, warmup=warmup,
-                             between=lambda: peaks.append(common.matmul_peak()))
-    final_loss = float(mm_step())
+  r = common.time_against_peer(name, train_step, state, task, {"image": images, "text": ids},
+                               mesh, rules, torch_step, repeats=repeats, steps=steps,
+                               warmup=warmup)
   extra = {"config": c, "mmjax_options": dataclasses.asdict(opts),
-           "mmjax_loss_at_step_0": mm_loss,
+           "mmjax_loss_at_step_0": r["loss_0"],
            "peer_loss_at_step_0": peer_loss,
-           "loss_difference_at_step_0": None if peer_loss is None else abs(mm_loss - peer_loss),
-           "mmjax_loss_after": final_loss}
-  if not np.isfinite(final_loss):
-    raise FloatingPointError(f"[{name}] mmjax's loss is {final_loss} after the timed steps")
-  return common.result_row(name, c["batch"], task.flops_per_example(), times["mmjax"],
-                           times.get("peer"), peaks, "open_clip", note=note, extra=extra)
+           "loss_difference_at_step_0": None if peer_loss is None else abs(r["loss_0"] - peer_loss),
+           "mmjax_loss_after": r["final_loss"]}
+  return common.result_row(name, c["batch"], task.flops_per_example(), r["times"]["mmjax"],
+                           r["times"].get("peer"), r["peaks"], "open_clip", note=note,
+                           extra=extra)
 
 
 def main(argv=None):

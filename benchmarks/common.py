@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -55,25 +54,58 @@ def _cpu_model() -> str:
 
 
 def matmul_peak(n: int = 1536, repeats: int = 3) -> float:
-  """float32 matmul FLOP/s of this host through XLA: the best of `repeats`
-  timed [n, n] @ [n, n] products, each a chain of 4 so dispatch does not count."""
+  """float32 matmul FLOP/s of this host through XLA (metrics.measure_matmul_peak)."""
+  from mmjax.train import metrics
+  return metrics.measure_matmul_peak(n, repeats)
+
+
+def build_mmjax_step(config, task, devices=None):
+  """(jitted train step, initial state, mesh, rules): the library's own step for
+  `task` on `devices` (default: the first device)."""
   import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / math.sqrt(n)
 
-  @jax.jit
-  def chain(x):
-    for _ in range(4):
-      x = x @ a
-    return x
+  from mmjax import parallel
+  from mmjax.train import loop, step as step_lib
+  devices = devices or jax.devices()[:1]
+  s = loop.build(config, devices, task=task)
+  with parallel.activate(s["mesh"], s["rules"]):
+    state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
+                    out_shardings=s["shardings"])()
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"]),
+      s["shardings"], s["mesh"], task.batch_spec(config.batch_size))
+  return train_step, state, s["mesh"], s["rules"]
 
-  chain(a).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    t = time.perf_counter()
-    chain(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 4 * 2 * n ** 3 / best
+
+def time_against_peer(name: str, train_step, state, task, host_batch: dict, mesh, rules,
+                      peer_step, *, repeats: int, steps: int, warmup: int) -> dict:
+  """mmjax's step and the peer's (None: mmjax alone), alternating, with a matmul
+  peak probe per repeat. Returns mmjax's loss at step 0 and after the timed
+  steps (which must be finite), the seconds per step of each, and the peaks."""
+  import jax
+  import numpy as np
+
+  from mmjax import parallel
+  batch = jax.device_put(host_batch, {k: parallel.batch_sharding(mesh, x.ndim)
+                                      for k, x in host_batch.items()})
+  holder = {"state": state}
+  with parallel.activate(mesh, rules):
+    loss_0 = float(jax.jit(lambda p, b: task.loss(p, b, None)[0])(state.params, batch))
+
+    def mm_step():
+      holder["state"], metrics = train_step(holder["state"], batch)
+      return metrics["train/loss"]
+
+    peaks: list[float] = []
+    fns = {"mmjax": mm_step}
+    if peer_step is not None:
+      fns["peer"] = peer_step
+    times = alternate(fns, repeats=repeats, steps_per_repeat=steps, warmup=warmup,
+                      between=lambda: peaks.append(matmul_peak()))
+    final_loss = float(mm_step())
+  if not np.isfinite(final_loss):
+    raise FloatingPointError(f"[{name}] mmjax's loss is {final_loss} after the timed steps")
+  return {"loss_0": loss_0, "final_loss": final_loss, "times": times, "peaks": peaks}
 
 
 def alternate(steps: dict[str, Callable[[], Any]], *, repeats: int, steps_per_repeat: int,

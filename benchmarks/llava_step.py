@@ -69,20 +69,10 @@ def mmjax_config(c: dict, opts: Options, lr: float = 2e-5):
 
 def build_mmjax_step(config, devices=None):
   """(jitted train step, initial state, task, mesh, rules) of the llava task."""
-  import jax
-
-  from mmjax import parallel
-  from mmjax.train import llava_tasks, loop, step as step_lib
-  devices = devices or jax.devices()[:1]
+  from mmjax.train import llava_tasks
   task = llava_tasks.LLaVATask(config, with_data=False)
-  s = loop.build(config, devices, task=task)
-  with parallel.activate(s["mesh"], s["rules"]):
-    state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
-                    out_shardings=s["shardings"])()
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"]),
-      s["shardings"], s["mesh"], task.batch_spec(config.batch_size))
-  return train_step, state, task, s["mesh"], s["rules"]
+  train_step, state, mesh, rules = common.build_mmjax_step(config, task, devices)
+  return train_step, state, task, mesh, rules
 
 
 def make_batch(c: dict, seed: int = 0):
@@ -165,15 +155,11 @@ def make_hf_step(model, image, tokens, labels, num_image_tokens: int, lr: float 
 def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
                peer: bool = True) -> dict:
   import jax
-  import numpy as np
 
-  from mmjax import parallel
   c = CONFIGS[name]
   config = mmjax_config(c, opts)
   train_step, state, task, mesh, rules = build_mmjax_step(config)
   image, tokens, labels = make_batch(c)
-  host = {"image": image, "tokens": tokens, "labels": labels}
-  batch = jax.device_put(host, {k: parallel.batch_sharding(mesh, x.ndim) for k, x in host.items()})
 
   note, hf_step, peer_loss = "", None, None
   if peer:
@@ -194,30 +180,17 @@ def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
   if note:
     print(f"[{name}] {note}")
 
-  holder = {"state": state}
-  with parallel.activate(mesh, rules):
-    mm_loss = float(jax.jit(lambda p, b: task.loss(p, b, None)[0])(state.params, batch))
-
-    def mm_step():
-      holder["state"], metrics = train_step(holder["state"], batch)
-      return metrics["train/loss"]
-
-    peaks: list[float] = []
-    fns = {"mmjax": mm_step}
-    if hf_step is not None:
-      fns["peer"] = hf_step
-    times = common.alternate(fns, repeats=repeats, steps_per_repeat=steps, warmup=warmup,
-                             between=lambda: peaks.append(common.matmul_peak()))
-    final_loss = float(mm_step())
-  if not np.isfinite(final_loss):
-    raise FloatingPointError(f"[{name}] mmjax's loss is {final_loss} after the timed steps")
+  r = common.time_against_peer(name, train_step, state, task,
+                               {"image": image, "tokens": tokens, "labels": labels}, mesh,
+                               rules, hf_step, repeats=repeats, steps=steps, warmup=warmup)
   extra = {"config": c, "mmjax_options": dataclasses.asdict(opts),
            "sequence_length": c["max_len"] - 1 + task.model_config.num_image_tokens,
-           "mmjax_loss_at_step_0": mm_loss, "peer_loss_at_step_0": peer_loss,
-           "loss_difference_at_step_0": None if peer_loss is None else abs(mm_loss - peer_loss),
-           "mmjax_loss_after": final_loss}
-  return common.result_row(name, c["batch"], task.flops_per_example(), times["mmjax"],
-                           times.get("peer"), peaks, "transformers", note=note, extra=extra)
+           "mmjax_loss_at_step_0": r["loss_0"], "peer_loss_at_step_0": peer_loss,
+           "loss_difference_at_step_0": None if peer_loss is None else abs(r["loss_0"] - peer_loss),
+           "mmjax_loss_after": r["final_loss"]}
+  return common.result_row(name, c["batch"], task.flops_per_example(), r["times"]["mmjax"],
+                           r["times"].get("peer"), r["peaks"], "transformers", note=note,
+                           extra=extra)
 
 
 def main(argv=None):
