@@ -1,6 +1,6 @@
-"""ViT data efficiency: 10% of the train labels, four ways to train the same ViT.
+"""ViT data efficiency: 10% of the train labels, five ways to train the same ViT.
 
-  python -m benchmarks.data_efficiency --out=runs/data_efficiency --processes=4
+  python -m benchmarks.data_efficiency --out=runs/data_efficiency [--processes=4]
 
 On a fixed random `--label_fraction` of the train labels (the same examples for
 every run), the same ViT and the same fine-tuning budget (steps, batch, lr,
@@ -9,6 +9,8 @@ label smoothing, crops):
   hybrid   a convolutional stem instead of the linear patch embedding
   distill  DeiT hard-label distillation from a small ConvNet teacher trained on
            the same labelled subset (one teacher per seed)
+  distill_all  the same, and the student also sees the other train images,
+           labelled by the teacher only (as the MAE pretraining sees them)
   mae      fine-tuned from an MAE encoder pretrained on every train image,
            without labels (one pretraining run, seed 0)
 Each for every seed. Writes OUT/data_efficiency.md (a table of test top-1,
@@ -37,16 +39,16 @@ from mmjax.train import loop
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "output folder", required=True)
 flags.DEFINE_string("seeds", "0,1,2", "comma-separated seeds")
-flags.DEFINE_string("methods", "scratch,hybrid,distill,mae", "which methods")
+flags.DEFINE_string("methods", "scratch,hybrid,distill,distill_all,mae", "which methods")
 flags.DEFINE_float("label_fraction", 0.1, "fraction of the train labels")
-flags.DEFINE_integer("steps", 300, "fine-tuning steps (every method)")
+flags.DEFINE_integer("steps", 1200, "fine-tuning steps (every method)")
 flags.DEFINE_integer("batch", 32, "fine-tuning batch size")
 flags.DEFINE_float("lr", 1e-3, "fine-tuning learning rate")
 flags.DEFINE_string("variant", "nano/4", "the ViT")
 flags.DEFINE_integer("image_size", 16, "digits are 8 x 8: 16 px lose nothing")
 flags.DEFINE_integer("teacher_steps", 600, "ConvNet teacher steps")
 flags.DEFINE_integer("teacher_width", 16, "ConvNet teacher width")
-flags.DEFINE_integer("mae_steps", 600, "MAE pretraining steps (all train images)")
+flags.DEFINE_integer("mae_steps", 2400, "MAE pretraining steps (all train images)")
 flags.DEFINE_integer("mae_batch", 64, "MAE pretraining batch size")
 flags.DEFINE_integer("processes", 1, "parallel processes: the MAE pretraining and one per seed")
 flags.DEFINE_bool("summary_only", False,
@@ -54,7 +56,7 @@ flags.DEFINE_bool("summary_only", False,
 flags.DEFINE_enum("role", "all", ["all", "mae_pretrain", "seed"],
                   "internal: what a child process of --processes trains")
 
-METHODS = ("scratch", "hybrid", "distill", "mae")
+METHODS = ("scratch", "hybrid", "distill", "distill_all", "mae")
 
 
 def _quiet(c):
@@ -86,8 +88,8 @@ def vit_config(method: str, seed: int, out: str):
          f"batch={FLAGS.batch},lr={FLAGS.lr},crop=true,image_size={FLAGS.image_size}")
   if method == "hybrid":
     arg += ",stem=conv"
-  elif method == "distill":
-    arg += f",teacher={run_dir(out, f'teacher_s{seed}')}"
+  elif method in ("distill", "distill_all"):
+    arg += f",teacher={run_dir(out, f'teacher_s{seed}')},unlabelled={method == 'distill_all'}"
   elif method == "mae":
     arg += f",mae={run_dir(out, 'mae_pretrain')}"
   c = vit_digits.get_config(arg)
@@ -125,7 +127,7 @@ def train_once(config, out: str, name: str) -> dict:
 def summarise(results: dict[str, list[float]], meta: dict) -> str:
   lines = [f"Test top-1 on digits with {meta['label_fraction']:.0%} of the train labels "
            f"({meta['variant']}, {meta['steps']} steps of batch {meta['batch']}, "
-           f"seeds {meta['seeds']}):", "",
+           f"seeds {meta['seeds']}; MAE pretrained for {meta['mae_steps']} steps):", "",
            "| method | top-1 (mean +- std) | per seed |", "|---|---|---|"]
   for method, values in results.items():
     v = np.asarray(values)
@@ -148,8 +150,10 @@ def plot(results: dict[str, list[float]], path: str, title: str) -> None:
   means = [np.mean(results[n]) for n in names]
   stds = [_std(results[n]) for n in names]
   fig, ax = plt.subplots(figsize=(6, 4))
-  colors = ["tab:gray", "tab:orange", "tab:green", "tab:blue", "tab:purple"]
-  ax.bar(names, means, yerr=stds, capsize=6, color=[colors[i % 5] for i in range(len(names))])
+  colors = ["tab:gray", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown"]
+  ax.bar(names, means, yerr=stds, capsize=6,
+         color=[colors[i % len(colors)] for i in range(len(names))])
+  ax.tick_params(axis="x", labelrotation=20)
   for i, n in enumerate(names):
     ax.scatter([i] * len(results[n]), results[n], color="black", s=12, zorder=3)
   low = min(min(v) for v in results.values())
@@ -162,7 +166,7 @@ def plot(results: dict[str, list[float]], path: str, title: str) -> None:
 
 def train_seed(out: str, seed: int, methods: list[str]) -> None:
   """Every run of one seed: the teacher first, MAE's fine-tuning last."""
-  if "distill" in methods:
+  if {"distill", "distill_all"} & set(methods):
     train_once(teacher_config(seed), out, f"teacher_s{seed}")
   for method in sorted(methods, key=lambda m: m == "mae"):
     if method == "mae":
@@ -225,7 +229,7 @@ def main(argv):
     for seed in seeds:
       train_seed(out, seed, methods)
   names = [(m, m) for m in methods]
-  if "distill" in methods:
+  if {"distill", "distill_all"} & set(methods):
     names.append(("teacher (ConvNet)", "teacher"))
   results: dict[str, list[float]] = {}
   missing = []
@@ -238,7 +242,8 @@ def main(argv):
       else:
         missing.append(f"{prefix}_s{seed}")
   meta = {"label_fraction": FLAGS.label_fraction, "variant": FLAGS.variant,
-          "steps": FLAGS.steps, "batch": FLAGS.batch, "seeds": seeds}
+          "steps": FLAGS.steps, "batch": FLAGS.batch, "seeds": seeds,
+          "mae_steps": FLAGS.mae_steps}
   table = summarise(results, meta)
   if missing:
     table += f"\nNot finished: {', '.join(missing)}.\n"

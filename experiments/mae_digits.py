@@ -4,6 +4,8 @@
   python -m mmjax.train --config=experiments/vit_digits.py:mae=runs/mae_digits ...
 
 The encoder keys (variant, patch) must match the classifier that fine-tunes it.
+`:dataset=shapes,image_size=64` pretrains on the synthetic scenes instead (an
+8 x 8 patch grid whose position embeddings `mmjax.visualize` can show).
 """
 
 import ml_collections
@@ -15,7 +17,8 @@ from mmjax.data.pipeline import default_data_config
 
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, image_size=32, steps=1000, batch=128, variant="nano",
-                       patch=8, mask=0.75, decoder_width=64, decoder_depth=2, lr=2e-3, crop=True)
+                       patch=8, mask=0.75, decoder_width=64, decoder_depth=2, lr=2e-3, crop=True,
+                       dataset="digits")
   c = common.base_config("mae")
   c.total_steps = a.steps
   c.batch_size = a.batch
@@ -30,7 +33,7 @@ def get_config(arg=None):
   c.model.mae = ml_collections.ConfigDict({
       "mask_ratio": a.mask, "decoder_width": a.decoder_width, "decoder_depth": a.decoder_depth,
       "decoder_heads": 4, "decoder_mlp_dim": 4 * a.decoder_width, "norm_pix_loss": True})
-  c.data = default_data_config("digits")  # every train image; labels are not read
+  c.data = default_data_config(a.dataset)  # every train image; labels are not read
   c.data.image_size = a.image_size
   c.data.transforms.random_resized_crop = a.crop
   c.data.transforms.crop_scale = (0.6, 1.0)

@@ -4,6 +4,7 @@ with the remedies for its data hunger:
   python -m mmjax.train --config=experiments/vit_digits.py --workdir=runs/vit_digits
   :stem=conv                          hybrid stem (conv layers down to the patch grid)
   :teacher=runs/convnet_digits        DeiT hard-label distillation (convnet_digits.py)
+  :labels=0.1,teacher=...,unlabelled=true   ...also on the images without labels
   :mae=runs/mae_digits                fine-tune the encoder of an MAE run (mae_digits.py)
   :labels=0.1                         train on a fixed 10% of the train labels
   :runlocal=true                      a 20-step smoke run
@@ -17,7 +18,7 @@ from mmjax.data.pipeline import default_data_config
 
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, image_size=32, steps=600, batch=128, variant="nano",
-                       patch=8, pool="cls", stem="linear", labels=1.0, teacher=None, mae=None,
+                       patch=8, pool="cls", stem="linear", labels=1.0, teacher=None, unlabelled=False, mae=None,
                        smoothing=0.1, mixup=0.0, cutmix=0.0, lr=2e-3, crop=False)
   c = common.base_config("vit")
   c.total_steps = a.steps
@@ -30,7 +31,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.05
   c.model = vit_model(f"{a.variant}/{a.patch}", a.pool, a.stem, num_classes=10)
   c.loss = classification_loss(a.smoothing, a.mixup, a.cutmix)
-  c.distill = distill(a.teacher)
+  c.distill = distill(a.teacher, unlabelled=a.unlabelled)
   c.init = ml_collections.ConfigDict({"mae_workdir": ml_collections.FieldReference(a.mae, str)})
   c.data = default_data_config("digits")
   c.data.image_size = a.image_size
@@ -60,7 +61,11 @@ def classification_loss(smoothing: float = 0.1, mixup: float = 0.0,
                                     "cutmix_alpha": cutmix, "switch_prob": 0.5})
 
 
-def distill(teacher_workdir: str | None = None, weight: float = 0.5) -> ml_collections.ConfigDict:
-  """DeiT hard-label distillation from a classifier run (None = off)."""
+def distill(teacher_workdir: str | None = None, weight: float = 0.5,
+            unlabelled: bool = False) -> ml_collections.ConfigDict:
+  """DeiT hard-label distillation from a classifier run (None = off);
+  `unlabelled`: the student also trains on the train images whose labels
+  data.label_fraction held back, with the teacher's labels only."""
   return ml_collections.ConfigDict({
-      "teacher_workdir": ml_collections.FieldReference(teacher_workdir, str), "weight": weight})
+      "teacher_workdir": ml_collections.FieldReference(teacher_workdir, str), "weight": weight,
+      "unlabelled": unlabelled})

@@ -5,6 +5,11 @@ Pictures of a trained ViT or CLIP workdir (written by `mmjax.train` or
 
   patch_embedding_pca.png  the first 28 principal components of the patch-embedding
                            filters (none for the conv stem: it has no P x P filters)
+  patch_embedding_pca_learned.png
+                           the same for the filters minus their random initialisation,
+                           for a run trained here (it has metrics.jsonl): a short run
+                           leaves the init's noise in every direction that its
+                           images never excite, and this shows what training wrote
   position_similarity.png  cosine similarity of each position embedding with all others,
                            laid out on the patch grid
   attention_rollout.png    attention rollout (Abnar & Zuidema, 2020) over input images
@@ -180,6 +185,18 @@ def load(workdir: str, step: int | None = None) -> Loaded:
   return loaded
 
 
+def initial_vit_params(loaded: Loaded) -> dict:
+  """The ViT params that `mmjax.train` started this run from before any restore:
+  the task's random init for config.seed, split as `train.step.init_state` does."""
+  import flax.linen as nn
+
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(int(loaded.config.seed)))
+  params = jax.jit(lambda: nn.meta.unbox(loaded.task.init(init_rng)))()
+  for key in loaded.vit_path:
+    params = params[key]
+  return params
+
+
 def find_vit_params(params: dict, where: str = "params",
                     frozen: Sequence[str] = ()) -> tuple[str, ...]:
   """The path of the one sub-tree that is a ViT's params: pos_embed, encoder and a
@@ -296,8 +313,12 @@ def visualize(workdir: str, out: str | None = None, num_images: int = 8,
     written[name] = path
 
   if "patch_embed" in params:
-    comps = patch_embedding_components(params["patch_embed"]["kernel"], patch, 3)
-    save(plot_components(comps), "patch_embedding_pca")
+    kernel = np.asarray(params["patch_embed"]["kernel"])
+    save(plot_components(patch_embedding_components(kernel, patch, 3)), "patch_embedding_pca")
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      learned = kernel - np.asarray(initial_vit_params(loaded)["patch_embed"]["kernel"])
+      save(plot_components(patch_embedding_components(learned, patch, 3),
+                           "minus their random initialisation"), "patch_embedding_pca_learned")
   else:
     print(f"no patch_embedding_pca.png: the {cfg.stem!r} stem has no {patch}x{patch} patch "
           f"filters to decompose (its first layer is a stack of 3x3 convs)")
@@ -327,7 +348,7 @@ def visualize(workdir: str, out: str | None = None, num_images: int = 8,
   return written
 
 
-def plot_components(comps: np.ndarray, cols: int = 7):
+def plot_components(comps: np.ndarray, subtitle: str = "", cols: int = 7):
   """A grid of principal components, each scaled to [0, 1] on its own (RGB)."""
   k = len(comps)
   rows = -(-k // cols)
@@ -341,7 +362,8 @@ def plot_components(comps: np.ndarray, cols: int = 7):
     ax.imshow(c if c.shape[-1] == 3 else c[..., 0], cmap=None if c.shape[-1] == 3 else "gray",
               interpolation="nearest")
     ax.set_title(f"PC {i + 1}", fontsize=7)
-  fig.suptitle(f"RGB embedding filters\n(first {k} principal components)", fontsize=10)
+  fig.suptitle(f"RGB embedding filters{' ' + subtitle if subtitle else ''}\n"
+               f"(first {k} principal components)", fontsize=10)
   return fig
 
 

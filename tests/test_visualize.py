@@ -3,6 +3,7 @@ the PNGs written for a tiny CLIP workdir."""
 
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -234,3 +235,40 @@ def test_cli_on_a_supervised_conv_stem_vit_workdir(tiny_root, tmp_path, capsys):
   _assert_pngs(written, ["position_similarity", "attention_rollout"])
   patch = c.model.vision.variant.split("/")[1]
   assert f"'conv' stem has no {patch}x{patch} patch filters" in capsys.readouterr().out
+
+
+def test_learned_filters_are_the_kernel_minus_the_loops_initialisation(tiny_root, tmp_path):
+  import optax
+
+  from mmjax.convert import workdir as workdir_lib
+  from mmjax.train import step as step_lib
+  loaded = visualize.load(_tiny_clip_workdir(tiny_root, "linear"))
+  # initial_vit_params is what mmjax.train starts from for config.seed.
+  state = jax.jit(lambda: step_lib.init_state(loaded.task, optax.adamw(1e-3),
+                                              loaded.config.seed))()
+  start = state.params
+  for key in loaded.vit_path:
+    start = start[key]
+  chex.assert_trees_all_equal(visualize.initial_vit_params(loaded), start)
+
+  # A "trained" run: that init plus a rank-1 change of the patch filters.
+  params = jax.tree.map(np.asarray, state.params)
+  vit_params = params
+  for key in loaded.vit_path:
+    vit_params = vit_params[key]
+  kernel = vit_params["patch_embed"]["kernel"]
+  pattern = np.linspace(-1.0, 1.0, kernel.shape[0], dtype=np.float32)
+  vit_params["patch_embed"]["kernel"] = kernel + 0.5 * pattern[:, None] * np.sign(
+      np.random.default_rng(0).normal(size=kernel.shape[1])).astype(np.float32)[None, :]
+  workdir = str(tmp_path / "trained")
+  workdir_lib.save(workdir, loaded.config, params)
+  assert "patch_embedding_pca_learned" not in visualize.visualize(workdir, num_images=2)
+  open(os.path.join(workdir, "metrics.jsonl"), "w").close()  # trained here
+  written = visualize.visualize(workdir, num_images=2)
+  _assert_pngs(written, ["patch_embedding_pca", "patch_embedding_pca_learned",
+                         "position_similarity", "attention_rollout", "zeroshot"])
+  learned = visualize.patch_embedding_components(
+      vit_params["patch_embed"]["kernel"] - np.asarray(start["patch_embed"]["kernel"]),
+      int(np.sqrt(kernel.shape[0] // 3)), 3)
+  # PC 1 of the learned part is the change's direction (its sign is a convention).
+  assert abs(learned[0].reshape(-1) @ pattern) / np.linalg.norm(pattern) == pytest.approx(1.0, abs=1e-5)

@@ -256,6 +256,7 @@ def test_distillation_from_a_teacher_run_and_fine_tuning_from_mae(data_dir, tmp_
   teacher_state, _ = t["ckpt"].restore(loop.restore_target(t["abstract"], t["shardings"]))
   t["ckpt"].close()
   chex.assert_trees_all_close(state.params["teacher"], teacher_state.params)
+  _check_distillation_on_unlabelled_images(data_dir, teacher_dir, tmp_path)
 
   # Fine-tuning from MAE: the encoder starts from the MAE run's.
   ft = tiny(vit_digits.get_config(f"runlocal=true,mae={mae_dir}"), data_dir)
@@ -268,3 +269,38 @@ def test_distillation_from_a_teacher_run_and_fine_tuning_from_mae(data_dir, tmp_
   chex.assert_trees_all_close({k: v for k, v in loaded["vit"].items() if k != "head"},
                               mae_state.params["encoder"])
   chex.assert_trees_all_equal(loaded["vit"]["head"], params["vit"]["head"])
+
+
+def _check_distillation_on_unlabelled_images(data_dir, teacher_dir, tmp_path):
+  """distill.unlabelled: every train image, labels only for the labelled subset,
+  and the class head's loss blind to the others' labels."""
+  cfg = tiny(vit_digits.get_config(f"runlocal=true,labels=0.25,teacher={teacher_dir},"
+                                   "unlabelled=true"), data_dir)
+  cfg.batch_size = 64
+  task = tasks.build_task(cfg)
+  it = task.train_batches(64, seed=0)
+  batches = [next(it) for _ in range(6)]
+  it.close()
+  labelled = np.concatenate([b["labelled"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert 0.1 < labelled.mean() < 0.4  # a quarter of the 1438 images carry labels
+  np.testing.assert_array_equal(labels < 0, labelled == 0)
+
+  batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
+  params = jax.jit(lambda: nn.meta.unbox(task.init(jax.random.PRNGKey(0))))()
+  head = params["vit"]["head"]  # zero at init: give the logits something to say
+  params["vit"]["head"] = {**head, "kernel": jax.random.normal(jax.random.PRNGKey(2),
+                                                               head["kernel"].shape)}
+  loss = jax.jit(lambda b: task.loss(params, b, jax.random.PRNGKey(1))[1]["cls_loss"])
+  guessed = jnp.where(batch["labelled"] > 0, batch["label"], 3)  # labels the step never had
+  assert float(loss(batch)) == pytest.approx(float(loss({**batch, "label": guessed})), abs=1e-7)
+  only_labelled = {**batch, "label": jnp.where(batch["labelled"] > 0, 3, batch["label"])}
+  assert float(loss(only_labelled)) != pytest.approx(float(loss(batch)), abs=1e-4)
+
+  cfg.total_steps = cfg.checkpoint_every = cfg.eval_every = 2
+  out = loop.train(cfg, str(tmp_path / "student_unlabelled"))
+  assert np.isfinite(out["train/loss"]) and "eval/top1_dist" in out
+
+  with pytest.raises(ValueError, match="label_fraction < 1"):
+    tasks.build_task(tiny(vit_digits.get_config(f"teacher={teacher_dir},unlabelled=true"),
+                          data_dir))

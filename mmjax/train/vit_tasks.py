@@ -59,6 +59,24 @@ class ImageLabelExample(grain.transforms.RandomMap):
     return {"image": image, "label": np.int32(example["label"])}
 
 
+class PartlyLabelledExample(ImageLabelExample):
+  """Every train image, its label only where the record is in `labelled_ids`:
+  {image, label (-1 where unlabelled), labelled (1.0 / 0.0)}."""
+
+  def __init__(self, data_cfg, labelled_ids: np.ndarray):
+    super().__init__(data_cfg)
+    self.labelled_ids = frozenset(int(i) for i in labelled_ids)
+
+  def random_map(self, item, rng: np.random.Generator):
+    out = super().random_map(item, rng)
+    if out is None:
+      return None
+    labelled = item[0] in self.labelled_ids
+    out["label"] = out["label"] if labelled else np.int32(-1)
+    out["labelled"] = np.float32(labelled)
+    return out
+
+
 class ImageLabelEvalExample(grain.transforms.Map):
   """Eval example -> {image, label, mask}; `blank()` pads (mask False)."""
 
@@ -89,10 +107,17 @@ def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float = 0.0) 
   return onehot * (1.0 - smoothing) + smoothing / num_classes
 
 
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean over the batch of -sum_c targets_c log softmax(logits)_c."""
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
+                       weight: jax.Array | None = None) -> jax.Array:
+  """Mean over the batch of -sum_c targets_c log softmax(logits)_c (weighted by
+  `weight` [B], 0 where an example does not count, when given)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.sum(targets * logp, axis=-1))
+  per_example = -jnp.sum(targets * logp, axis=-1)
+  return per_example.mean() if weight is None else _masked_mean(per_example, weight)
+
+
+def _masked_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
+  return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def mix_batch(rng: jax.Array, images: jax.Array, targets: jax.Array, *, mixup_alpha: float = 0.0,
@@ -303,7 +328,11 @@ class ViTTask(ClassifierTask):
   w CE(distillation head, argmax teacher(x)) with w = `distill.weight` (0.5),
   on the same (mixed) images; the prediction averages both heads' softmax.
   The teacher is any classifier run (its config.json names its model); its
-  params sit frozen under params/teacher.
+  params sit frozen under params/teacher. With `distill.unlabelled` and
+  `data.label_fraction` < 1 the student also sees the train images whose labels
+  were held back: the distillation head learns the teacher's labels on every
+  image, the class head the true labels of the labelled subset only (batches
+  carry a `labelled` flag; the other images' labels never reach the step).
 
   `init.mae_workdir`: start the encoder from an "mae" run's params/encoder.
   """
@@ -322,6 +351,15 @@ class ViTTask(ClassifierTask):
     if self.teacher_workdir:
       self.teacher = _teacher_task(self.teacher_workdir, config, self.num_classes)
       self.frozen = self.frozen + ("teacher/.*",)
+    self.unlabelled = bool(distill.get("unlabelled", False))
+    if self.unlabelled:
+      if not self.teacher_workdir:
+        raise ValueError("distill.unlabelled needs a teacher (distill.teacher_workdir): "
+                         "only the teacher labels the held-back images")
+      if float(self.data_cfg.get("label_fraction", 1.0)) >= 1.0:
+        raise ValueError("distill.unlabelled needs data.label_fraction < 1: with every "
+                         "label kept there are no unlabelled images")
+      self.batch_keys = ("image", "label", "labelled")
 
   def init(self, rng):
     student_rng, teacher_rng = jax.random.split(rng)
@@ -329,6 +367,23 @@ class ViTTask(ClassifierTask):
     if self.teacher is not None:
       params = {**params, "teacher": self.teacher.init(teacher_rng)}
     return params
+
+  def batch_spec(self, batch_size: int) -> dict:
+    spec = super().batch_spec(batch_size)
+    if self.unlabelled:
+      spec["labelled"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    return spec
+
+  def train_batches(self, batch_size: int, seed: int, **shard):
+    if not self.unlabelled:
+      return super().train_batches(batch_size, seed, **shard)
+    every = ml_collections.ConfigDict(self.data_cfg.to_dict())
+    every.label_fraction = 1.0
+    n = len(pipeline.make_source(every, every.train_split))
+    labelled = pipeline.subset_indices(n, float(self.data_cfg.label_fraction),
+                                       int(self.data_cfg.get("label_fraction_seed", 0) or 0))
+    return pipeline.train_iterator(every, batch_size=batch_size, seed=seed,
+                                   example_fn=PartlyLabelledExample(every, labelled), **shard)
 
   def apply(self, params, images, train: bool = False):
     student = {k: v for k, v in params.items() if k != "teacher"}
@@ -345,19 +400,27 @@ class ViTTask(ClassifierTask):
   def loss(self, params, batch, rng):
     if self.teacher is None:
       return super().loss(params, batch, rng)
-    images, targets, _ = self.mixed_batch(batch, rng)
+    images, targets, lam = self.mixed_batch(batch, rng)
     logits, out = self.apply(params, images, train=True)
     teacher_logits, _ = self.teacher.apply(jax.lax.stop_gradient(params["teacher"]), images)
     teacher_labels = jnp.argmax(teacher_logits, axis=-1)
-    cls_loss = soft_cross_entropy(logits, targets)
+    if self.unlabelled:
+      # The class head sees true labels only; a mixed example counts when both
+      # of its images are labelled (mix_batch pairs the batch with its reverse).
+      labelled = batch["labelled"]
+      weight = labelled * jnp.where(lam < 1.0, labelled[::-1], 1.0)
+    else:
+      weight = jnp.ones(images.shape[:1], jnp.float32)
+    cls_loss = soft_cross_entropy(logits, targets, weight)
     dist_loss = soft_cross_entropy(out["dist_logits"],
                                    jax.nn.one_hot(teacher_labels, self.num_classes))
     w = self.distill_weight
     probs = vit_heads.predict_probs(logits, out["dist_logits"])
+    known = batch.get("labelled", jnp.ones_like(weight))
     return (1.0 - w) * cls_loss + w * dist_loss, {
         "cls_loss": cls_loss, "dist_loss": dist_loss,
-        "top1": jnp.mean(top1_correct(probs, batch["label"])),
-        "teacher_top1": jnp.mean(top1_correct(teacher_logits, batch["label"]))}
+        "top1": _masked_mean(top1_correct(probs, batch["label"]), known),
+        "teacher_top1": _masked_mean(top1_correct(teacher_logits, batch["label"]), known)}
 
   def forward_flops(self) -> float:
     flops = vit_lib.forward_flops(self.model_config)
