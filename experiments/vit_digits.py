@@ -18,8 +18,9 @@ from mmjax.data.pipeline import default_data_config
 
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, image_size=32, steps=600, batch=128, variant="nano",
-                       patch=8, pool="cls", stem="linear", labels=1.0, teacher=None, unlabelled=False, mae=None,
-                       smoothing=0.1, mixup=0.0, cutmix=0.0, lr=2e-3, crop=False)
+                       patch=8, pool="cls", stem="linear", labels=1.0, teacher=None,
+                       unlabelled=False, mae=None, smoothing=0.1, mixup=0.0, cutmix=0.0, lr=2e-3,
+                       crop=False)
   c = common.base_config("vit")
   c.total_steps = a.steps
   c.batch_size = a.batch
