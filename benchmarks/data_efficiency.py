@@ -57,6 +57,7 @@ flags.DEFINE_enum("role", "all", ["all", "mae_pretrain", "seed"],
                   "internal: what a child process of --processes trains")
 
 METHODS = ("scratch", "hybrid", "distill", "distill_all", "mae")
+DISTILL = {"distill", "distill_all"}  # the methods that need a teacher
 
 
 def _quiet(c):
@@ -88,7 +89,7 @@ def vit_config(method: str, seed: int, out: str):
          f"batch={FLAGS.batch},lr={FLAGS.lr},crop=true,image_size={FLAGS.image_size}")
   if method == "hybrid":
     arg += ",stem=conv"
-  elif method in ("distill", "distill_all"):
+  elif method in DISTILL:
     arg += f",teacher={run_dir(out, f'teacher_s{seed}')},unlabelled={method == 'distill_all'}"
   elif method == "mae":
     arg += f",mae={run_dir(out, 'mae_pretrain')}"
@@ -166,7 +167,7 @@ def plot(results: dict[str, list[float]], path: str, title: str) -> None:
 
 def train_seed(out: str, seed: int, methods: list[str]) -> None:
   """Every run of one seed: the teacher first, MAE's fine-tuning last."""
-  if {"distill", "distill_all"} & set(methods):
+  if DISTILL & set(methods):
     train_once(teacher_config(seed), out, f"teacher_s{seed}")
   for method in sorted(methods, key=lambda m: m == "mae"):
     if method == "mae":
@@ -229,7 +230,7 @@ def main(argv):
     for seed in seeds:
       train_seed(out, seed, methods)
   names = [(m, m) for m in methods]
-  if {"distill", "distill_all"} & set(methods):
+  if DISTILL & set(methods):
     names.append(("teacher (ConvNet)", "teacher"))
   results: dict[str, list[float]] = {}
   missing = []

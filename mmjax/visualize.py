@@ -186,12 +186,11 @@ def load(workdir: str, step: int | None = None) -> Loaded:
 
 
 def initial_vit_params(loaded: Loaded) -> dict:
-  """The ViT params that `mmjax.train` started this run from before any restore:
-  the task's random init for config.seed, split as `train.step.init_state` does."""
-  import flax.linen as nn
+  """The ViT params that `mmjax.train` started this run from before any restore
+  (`train.step.initial_params` for config.seed)."""
+  from mmjax.train import step as step_lib
 
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(int(loaded.config.seed)))
-  params = jax.jit(lambda: nn.meta.unbox(loaded.task.init(init_rng)))()
+  params = jax.jit(lambda: step_lib.initial_params(loaded.task, int(loaded.config.seed)))()
   for key in loaded.vit_path:
     params = params[key]
   return params

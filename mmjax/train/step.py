@@ -22,11 +22,16 @@ class TrainState:
   rng: jax.Array  # uint32 [2]: a raw key, so checkpoints hold plain arrays
 
 
+def initial_params(task, seed: int):
+  """The (unboxed) random params a run of `seed` starts from, before any restore."""
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(seed))
+  return nn.meta.unbox(task.init(init_rng))
+
+
 def init_state(task, tx: optax.GradientTransformation, seed: int) -> TrainState:
   """The full initial state (params unboxed); traced under jit with out_shardings."""
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
-  params = nn.meta.unbox(task.init(init_rng))
+  params = initial_params(task, seed)
+  _, state_rng = jax.random.split(jax.random.PRNGKey(seed))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng)
 

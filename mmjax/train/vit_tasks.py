@@ -112,11 +112,12 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array,
   """Mean over the batch of -sum_c targets_c log softmax(logits)_c (weighted by
   `weight` [B], 0 where an example does not count, when given)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  per_example = -jnp.sum(targets * logp, axis=-1)
-  return per_example.mean() if weight is None else _masked_mean(per_example, weight)
+  return _masked_mean(-jnp.sum(targets * logp, axis=-1), weight)
 
 
-def _masked_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
+def _masked_mean(x: jax.Array, weight: jax.Array | None) -> jax.Array:
+  if weight is None:
+    return jnp.mean(x)
   return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
@@ -404,19 +405,17 @@ class ViTTask(ClassifierTask):
     logits, out = self.apply(params, images, train=True)
     teacher_logits, _ = self.teacher.apply(jax.lax.stop_gradient(params["teacher"]), images)
     teacher_labels = jnp.argmax(teacher_logits, axis=-1)
-    if self.unlabelled:
+    known = batch.get("labelled")  # None: every example is labelled
+    weight = None
+    if known is not None:
       # The class head sees true labels only; a mixed example counts when both
       # of its images are labelled (mix_batch pairs the batch with its reverse).
-      labelled = batch["labelled"]
-      weight = labelled * jnp.where(lam < 1.0, labelled[::-1], 1.0)
-    else:
-      weight = jnp.ones(images.shape[:1], jnp.float32)
+      weight = known * jnp.where(lam < 1.0, known[::-1], 1.0)
     cls_loss = soft_cross_entropy(logits, targets, weight)
     dist_loss = soft_cross_entropy(out["dist_logits"],
                                    jax.nn.one_hot(teacher_labels, self.num_classes))
     w = self.distill_weight
     probs = vit_heads.predict_probs(logits, out["dist_logits"])
-    known = batch.get("labelled", jnp.ones_like(weight))
     return (1.0 - w) * cls_loss + w * dist_loss, {
         "cls_loss": cls_loss, "dist_loss": dist_loss,
         "top1": _masked_mean(top1_correct(probs, batch["label"]), known),
