@@ -8,6 +8,10 @@ on generated visual instructions (CLIP tower frozen).
       --workdir=DIR/stage2
 
 `bash launch/llava_shapes.sh DIR` runs CLIP, the LM and both stages in order.
+
+The LLM reads the tower's 8 x 8 patch tokens merged 2 x 2 (`merge`, 16 tokens:
+1.3x faster stage 2 at the same accuracy) with a position embedding
+(`posemb`); both are departures from LLaVA, off in its real-scale configs.
 """
 
 import ml_collections
@@ -47,6 +51,8 @@ def model_config(a) -> ml_collections.ConfigDict:
       "projector": "mlp2x_gelu",
       "feature_layer": -2,
       "keep_cls": False,
+      "image_posemb": bool(a.posemb),
+      "merge": a.merge,
       "image_token_id": 4,  # `<image>` of our sentencepiece models
       "dtype": "float32",
       "scan": True,
@@ -56,7 +62,8 @@ def model_config(a) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   a = common.parse_arg(arg, stage=2, runlocal=False, steps=0, llm="nano", num_train=6000,
-                       num_eval=100, data="", clip="", lm="", stage1="", **clip_shapes.TOWER)
+                       num_eval=100, data="", clip="", lm="", stage1="", posemb=True, merge=2,
+                       **clip_shapes.TOWER)
   c = common.base_config("llava")
   c.stage = a.stage
   c.model = model_config(a)

@@ -20,8 +20,9 @@ def get_config(arg=None):
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.1
   c.optim.b2 = 0.95
-  c.model = llava_shapes.model_config(common.parse_arg(None, llm=a.llm, **clip_shapes.TOWER))
-  del c.model["vision"], c.model["projector"], c.model["feature_layer"], c.model["keep_cls"]
+  llava = llava_shapes.model_config(
+      common.parse_arg(None, llm=a.llm, posemb=False, merge=1, **clip_shapes.TOWER))
+  c.model = {k: llava[k] for k in ("llm", "dtype", "scan", "remat")}  # the LLaVA's own LLM
   c.data = llava_shapes.instruct_data(a)
   c.eval.batch_size = 32
   if a.runlocal:

@@ -251,3 +251,14 @@ def test_unsupported_llava_fields_are_named(mlp_converted, tmp_path, edit, field
   _, _, src, _ = mlp_converted
   with pytest.raises(ConversionError, match=field.replace(".", r"\.")):
     convert.import_hf(_edit(src, tmp_path, edit), str(tmp_path / "wd"))
+
+
+@pytest.mark.parametrize("change", [{"image_posemb": True}, {"merge": 2}])
+def test_export_refuses_what_transformers_cannot_hold(change):
+  import dataclasses
+  from mmjax.convert import llava as llava_conv
+  from mmjax.models import llava as llava_lib
+  vision = llava_lib.LLaVAConfig().vision
+  cfg = llava_lib.LLaVAConfig(vision=dataclasses.replace(vision, image_size=56), **change)
+  with pytest.raises(ConversionError, match="no transformers equivalent"):
+    llava_conv.hf_config(cfg)

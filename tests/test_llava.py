@@ -109,6 +109,41 @@ def test_features_are_the_projected_penultimate_layer():
   assert out.shape == (1, N + 1, 32)
 
 
+def test_merged_tokens_and_position_embedding():
+  # A 4 x 4 patch grid, 2 x 2 blocks merged: 4 image tokens of 4x the width.
+  x = jnp.arange(16.0)[None, :, None] * jnp.ones((1, 1, 3))
+  merged = np.asarray(llava_lib.merge_tokens(x, 2))[0, :, ::3]  # channel 0 of each patch
+  np.testing.assert_array_equal(merged, [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13],
+                                         [10, 11, 14, 15]])
+  vision = ViTConfig(variant="tiny/4", image_size=16, pre_norm=True, norm_eps=1e-5, pool="none")
+  cfg = llava_lib.LLaVAConfig(vision=vision, llm=TINY.llm, image_token_id=IMG, merge=2,
+                              image_posemb=True)
+  assert cfg.grid == 2 and cfg.num_image_tokens == 4
+  model = llava_lib.LLaVA(cfg)
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  params = init_params(model, images, jnp.array([[1, 4, 5]] * 2))
+  posemb = params["projector"]["pos_embed"]
+  np.testing.assert_allclose(posemb, llava_lib.layers.sincos_2d(2, 32), rtol=1e-6)  # its init
+  assert params["projector"]["linear_1"]["kernel"].shape == (4 * 32, 32)  # tiny ViT width 32
+  from mmjax.models.vit import ViT
+  _, vout = ViT(vision, collect_hidden=True).apply({"params": params["vision"]}, images)
+  hidden = llava_lib.merge_tokens(vout["hidden_states"][-2][:, 1:], 2)
+  plain = llava_lib.Projector("mlp2x_gelu", 32).apply(
+      {"params": {k: params["projector"][k] for k in ("linear_1", "linear_2")}}, hidden)
+  feats = model.apply({"params": params}, images, method=llava_lib.LLaVA.image_features)
+  np.testing.assert_allclose(feats, plain + posemb, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="merge=3 must divide the 4 x 4"):
+    _ = llava_lib.LLaVAConfig(vision=vision, merge=3).num_image_tokens
+
+
+def test_sincos_2d_encodes_row_and_column():
+  pe = np.asarray(llava_lib.layers.sincos_2d(3, 8))  # [9, 8]: 2 channels each
+  rows, cols = np.divmod(np.arange(9), 3)
+  np.testing.assert_allclose(pe[:, 0], np.sin(rows), atol=1e-6)  # lowest frequency is 1
+  np.testing.assert_allclose(pe[:, 5], np.sin(cols / 100), atol=1e-6)  # 10000 ** (-1/2)
+  assert len({tuple(np.round(r, 5)) for r in pe}) == 9  # every position distinct
+
+
 # -- the tasks through the shared loop ------------------------------------------
 
 TINY_ARGS = "runlocal=true,llm=tiny,num_train=48,num_eval=6,image_size=32"

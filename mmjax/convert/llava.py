@@ -130,6 +130,9 @@ def hf_config(cfg: llava_lib.LLaVAConfig, base: dict | None = None,
   vision.update(clip_conv.vision_to_hf(dataclass_replace(cfg.vision, pool="cls")))
   text = llama.llm_to_hf(cfg.llm, base.get("text_config"))
   text.pop("architectures", None)
+  if cfg.image_posemb or cfg.merge > 1:
+    raise ConversionError("image_posemb and merge > 1 (not in LLaVA) have no transformers "
+                          "equivalent")
   act = {v: k for k, v in HF_PROJECTOR_ACTS.items()}.get(cfg.projector)
   if act is None:
     raise ConversionError(f"projector={cfg.projector!r} has no transformers equivalent")

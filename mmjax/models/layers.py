@@ -117,6 +117,20 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> Array:
+  """Fixed 2-D sin-cos position embedding [grid * grid, dim] (MAE / MoCo v3):
+  a quarter of the channels each for sin and cos of the row and of the column,
+  row-major over the grid."""
+  if dim % 4:
+    raise ValueError(f"sincos_2d needs a width divisible by 4, got {dim}")
+  omega = 1.0 / temperature ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
+  rows, cols = jnp.meshgrid(jnp.arange(grid, dtype=jnp.float32),
+                            jnp.arange(grid, dtype=jnp.float32), indexing="ij")
+  r = rows.reshape(-1, 1) * omega
+  c = cols.reshape(-1, 1) * omega
+  return jnp.concatenate([jnp.sin(r), jnp.cos(r), jnp.sin(c), jnp.cos(c)], axis=1)
+
+
 # --------------------------------------------------------------------------
 # Masks.
 

@@ -38,29 +38,48 @@ class LLaVAConfig:
   projector: str = "mlp2x_gelu"  # linear (LLaVA v1) | mlp2x_gelu (v1.5)
   feature_layer: int = -2  # index into hidden_states [L + 1]: -2 = penultimate block
   keep_cls: bool = False  # transformers' vision_feature_select_strategy "full" vs "default"
+  # Not in LLaVA: a learned position embedding added to the projected patch
+  # tokens (`projector/pos_embed`, initialised with 2-D sin-cos). For small
+  # towers whose contrastive training left little position in their features.
+  image_posemb: bool = False
+  # Not in LLaVA either: k x k neighbouring patch tokens concatenated into one
+  # (InternVL's pixel unshuffle), k**2 fewer image tokens of k**2 times the
+  # width. Prefix tokens (keep_cls) are not supported with it.
+  merge: int = 1
   image_token_id: int = 4
   pad_id: int = 0
 
   @property
+  def grid(self) -> int:
+    """Side of the image-token grid that the LLM sees."""
+    side = int(round(self.vision.num_patches ** 0.5))
+    if self.merge < 1 or side % self.merge:
+      raise ValueError(f"merge={self.merge} must divide the {side} x {side} patch grid")
+    return side // self.merge
+
+  @property
   def num_image_tokens(self) -> int:
-    return self.vision.num_patches + (self.vision.num_prefix_tokens if self.keep_cls else 0)
+    return self.grid ** 2 + (self.vision.num_prefix_tokens if self.keep_cls else 0)
 
 
 def forward_flops(cfg: LLaVAConfig, text_len: int) -> tuple[float, float, float]:
   """(vision tower, projector, LLM) forward FLOPs of one example."""
   n = cfg.num_image_tokens
-  d_v, d = cfg.vision.size["width"], cfg.llm.width
+  d_v, d = cfg.vision.size["width"] * cfg.merge ** 2, cfg.llm.width
   proj = 2 * n * d_v * d + (2 * n * d * d if cfg.projector == "mlp2x_gelu" else 0)
   return (vit_lib.forward_flops(cfg.vision), proj,
           llm_lib.forward_flops(cfg.llm, text_len - 1 + n))
 
 
 class Projector(nn.Module):
-  """Vision width -> LLM width: one Linear, or Linear -> GELU (exact) -> Linear."""
+  """Vision width -> LLM width: one Linear, or Linear -> GELU (exact) -> Linear;
+  with `grid`, plus a learned position embedding of the grid x grid patch
+  tokens (the last grid**2 tokens; prefix tokens get none)."""
 
   kind: str
   width: int
   dtype: str = "float32"
+  grid: int = 0  # 0: no position embedding
 
   @nn.compact
   def __call__(self, x):
@@ -70,12 +89,30 @@ class Projector(nn.Module):
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
     if self.kind == "linear":
-      return dense((None, "embed"), "linear_1")(x)
-    if self.kind == "mlp2x_gelu":
+      y = dense((None, "embed"), "linear_1")(x)
+    elif self.kind == "mlp2x_gelu":
       h = dense((None, "mlp"), "linear_1")(x)
       h = layers.activation("gelu")(h)  # exact erf GELU, as torch's nn.GELU()
-      return dense(("mlp", "embed"), "linear_2")(h)
-    raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
+      y = dense(("mlp", "embed"), "linear_2")(h)
+    else:
+      raise ValueError(f"unknown projector {self.kind!r}; choose one of {PROJECTORS}")
+    if not self.grid:
+      return y
+    posemb = self.param("pos_embed", nn.with_logical_partitioning(
+        lambda _, shape: layers.sincos_2d(self.grid, shape[1]), (None, "embed")),
+        (self.grid ** 2, self.width))
+    prefix = y.shape[1] - self.grid ** 2
+    return y.at[:, prefix:].add(posemb.astype(y.dtype))
+
+
+def merge_tokens(x: jax.Array, k: int) -> jax.Array:
+  """[B, (g k)^2, D] row-major grid tokens -> [B, g^2, k^2 D]: each k x k block
+  of neighbours becomes one token, its channels ordered (row, column, D)."""
+  b, n, d = x.shape
+  side = int(round(n ** 0.5))
+  g = side // k
+  x = x.reshape(b, g, k, g, k, d).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, g * g, k * k * d)
 
 
 def splice_plan(ids: jax.Array, image_token_id: int, num_image_tokens: int,
@@ -133,7 +170,10 @@ class LLaVA(nn.Module):
   def setup(self):
     cfg = self.config
     self.vision = ViT(cfg.vision, collect_hidden=True)
-    self.projector = Projector(cfg.projector, cfg.llm.width, cfg.llm.dtype)
+    if cfg.merge > 1 and cfg.keep_cls:
+      raise ValueError("merge > 1 needs keep_cls=False")
+    self.projector = Projector(cfg.projector, cfg.llm.width, cfg.llm.dtype,
+                               cfg.grid if cfg.image_posemb else 0)
     self.llm = LLM(cfg.llm)
 
   def image_features(self, images: jax.Array) -> jax.Array:
@@ -143,6 +183,8 @@ class LLaVA(nn.Module):
     hidden = out["hidden_states"][cfg.feature_layer]  # [B, P + N, D_vision], no final norm
     if not cfg.keep_cls:
       hidden = hidden[:, cfg.vision.num_prefix_tokens:]
+    if cfg.merge > 1:
+      hidden = merge_tokens(hidden, cfg.merge)
     return self.projector(hidden)
 
   def embed_inputs(self, images: jax.Array, ids: jax.Array,

@@ -309,6 +309,7 @@ class LLaVATask:
     self.model_config = llava_lib.LLaVAConfig(
         vision=vision, llm=_llm_config(m, vocab), projector=m.projector,
         feature_layer=m.feature_layer, keep_cls=m.keep_cls, image_token_id=m.image_token_id,
+        image_posemb=bool(m.get("image_posemb", False)), merge=int(m.get("merge", 1)),
         pad_id=self.tokenizer.pad_id if self.tokenizer else 0)
     self.model = llava_lib.LLaVA(self.model_config)
     self.max_len = int(config.data.max_len)
