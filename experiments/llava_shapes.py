@@ -33,7 +33,7 @@ def instruct_data(a) -> ml_collections.ConfigDict:
   # row on a CPU (None: the template's own).
   d.system_prompt = "A chat between a user and an assistant."
   d.max_len = 96  # text tokens; the LLM sees max_len - 1 + image tokens
-  d.seq_len = 128  # packed rows of the LM task
+  d.seq_len = 160  # packed rows of the LM task (a described scene and its conversation)
   d.caption_json_path = None
   d.caption_eval_json_path = None
   d.prefetch = 4

@@ -135,6 +135,24 @@ def test_relation_answers_follow_the_geometry():
   assert answer.split(".")[0] in ("One", "The red circle", "No")
 
 
+def test_grounded_conversation_describes_the_scene_in_place_of_the_image():
+  scene = _scene()
+  rec = instruct.grounded_conversation(scene, np.random.default_rng(3), 4, "s-text")
+  first = rec["conversations"][0]["value"]
+  assert "<image>" not in json.dumps(rec) and "image" not in rec
+  _, desc = instruct.detailed_description(scene, np.random.default_rng(0))
+  assert first.startswith(desc + "\n")  # every object, its size, colour, shape and place
+  # The questions are the image conversation's, answered from the same scene.
+  # (for one scene, each question's answer is fixed: collect them over many draws)
+  answers = {q: a for seed in range(200)
+             for _, q, a in instruct.scene_questions(scene, np.random.default_rng(seed))}
+  turns = rec["conversations"]
+  assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+  asked = [first.split("\n", 1)[1]] + [t["value"] for t in turns[2::2]]
+  for q, a in zip(asked, [t["value"] for t in turns[1::2]]):
+    assert answers[q] == a, q
+
+
 def test_answer_normalisation_and_accuracy():
   assert instruct.normalize_answer("  The Red circle!") == "red circle"
   assert instruct.answer_matches("3", "Three.")
@@ -153,6 +171,9 @@ def test_cli_writes_llava_json_images_and_prompts(data, tok):
       assert {"id", "image", "conversations"} <= set(r)
       assert r["conversations"][0]["from"] == "human"
       assert os.path.exists(os.path.join(data, r["image"]))
+  grounded = json.load(open(os.path.join(data, "grounded.json")))
+  assert len(grounded) == 24 and all("image" not in r for r in grounded)
+  assert all(r["conversations"][0]["value"].startswith("The image shows") for r in grounded)
   instructs = json.load(open(os.path.join(data, "instruct.json")))
   assert {r["type"] for r in instructs} == {"conversation", "detail", "reasoning"}
   assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in instructs)

@@ -184,7 +184,8 @@ def _params(workdir):
 
 
 def test_stages_run_and_log_their_metrics(runs):
-  assert {"eval/loss", "eval/perplexity"} <= set(runs["lm"])
+  assert {"eval/loss", "eval/perplexity", "eval/grounded_accuracy",
+          "eval/grounded_accuracy/existence"} <= set(runs["lm"])
   s1 = runs["stage1"]
   assert {"eval/caption_loss", "eval/caption_loss_no_image",
           "eval/caption_loss_untrained_projector"} <= set(s1)
@@ -193,6 +194,27 @@ def test_stages_run_and_log_their_metrics(runs):
   for stage in ("lm", "stage1", "stage2"):
     rows = [json.loads(l) for l in open(runs["root"] / stage / "metrics.jsonl")]
     assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["train/loss"])
+
+
+def test_lm_documents_are_weighted_per_file(runs):
+  from mmjax.train import tasks
+  config = _config(lm_shapes, runs["data"])
+  count = lambda name: len(json.load(open(os.path.join(runs["data"], f"{name}.json"))))
+  plain = len(tasks.build_task(config)._documents("train"))
+  assert plain == count("captions") + count("instruct") + count("grounded")
+  config.data.lm_weights = {"captions": 0.0, "grounded": 2.5}
+  weighted = tasks.build_task(config)._documents("train")
+  assert len(weighted) == count("instruct") + round(2.5 * count("grounded"))
+  config.data.lm_weights = {"images": 1.0}
+  with pytest.raises(ValueError, match="lm_weights"):
+    tasks.build_task(config)._documents("train")
+
+
+def test_greedy_exact_needs_every_answer_token():
+  from mmjax.train.llava_tasks import greedy_exact
+  labels = jnp.array([[-100, -100, 3, 1], [-100, -100, 3, 1]])  # the answer: 3, then 1 (EOS)
+  logits = jax.nn.one_hot(jnp.array([[0, 3, 1, 0], [0, 3, 2, 0]]), 5)  # row 1: 2 after 3
+  np.testing.assert_array_equal(greedy_exact(logits, labels), [True, False])
 
 
 def test_each_stage_starts_from_the_previous_one(runs):

@@ -24,7 +24,10 @@ instructions + a few-shot example) to send to a text LLM instead.
 writes DIR/images/{train,eval}/NNNNNN.png, DIR/captions.json (stage 1),
 DIR/instruct.json (stage 2), DIR/captions_eval.json and DIR/vqa_eval.json
 (held-out scenes, single-turn questions with "answer" and "question_type"),
-DIR/tokenizer.model, all in the public LLaVA JSON format.
+DIR/grounded.json and DIR/grounded_eval.json (the LM's text-only
+conversations: each scene's description in place of its image; the eval file
+asks the held-out questions), DIR/tokenizer.model, all in the public LLaVA
+JSON format.
 """
 
 from __future__ import annotations
@@ -296,6 +299,19 @@ def conversation(scene: dict, rng: np.random.Generator, num_turns: int) -> list[
   return turns
 
 
+def grounded_conversation(scene: dict, rng: np.random.Generator, num_turns: int,
+                          sid: str) -> dict:
+  """A text-only record for the LM: the scene's description (every object with
+  its size, colour, shape and place) in place of the image, then a conversation
+  about it: text from which the LM can learn to answer questions about a
+  scene before any image is involved (the LM's `eval/grounded_accuracy`
+  measures how well it does on held-out scenes)."""
+  _, description = detailed_description(scene, rng)
+  turns = conversation(scene, rng, num_turns)
+  turns[0] = {"from": "human", "value": turns[0]["value"].replace(IMAGE_TOKEN, description, 1)}
+  return {"id": sid, "conversations": turns}
+
+
 def single_turn(question: str, answer: str | None = None) -> list[dict]:
   turns = [{"from": "human", "value": IMAGE_TOKEN + "\n" + question}]
   if answer is not None:
@@ -388,6 +404,7 @@ class Settings:
   detail_fraction: float = 0.25
   reasoning_fraction: float = 0.4
   vocab_size: int = 1000
+  grounded: bool = True  # grounded.json: the LM's text-only conversations
   emit_prompts: bool = False
 
   def name(self) -> str:
@@ -440,6 +457,7 @@ def _scene(settings: Settings, split: str, index: int) -> dict[str, Any]:
 def _write(out: str, st: Settings) -> None:
   from PIL import Image
   captions, instruct, captions_eval, vqa_eval, corpus = [], [], [], [], []
+  grounded, grounded_eval = [], []
   prompts: dict[str, list] = {"conversation": [], "detail": [], "reasoning": []}
   example_scene = None
   # Held-out scenes come from the validation split: unseen scenes, including
@@ -464,6 +482,9 @@ def _write(out: str, st: Settings) -> None:
           q, a = detailed_description(scene, rng)
           instruct.append({"id": f"{sid}-detail", "image": image, "type": "detail",
                            "conversations": single_turn(q, a)})
+        if st.grounded:
+          grounded.append(grounded_conversation(
+              scene, np.random.default_rng([st.seed, 11, i]), st.turns, f"{sid}-text"))
         if rng.random() < st.reasoning_fraction:
           q, a = complex_reasoning(scene, rng)
           instruct.append({"id": f"{sid}-reasoning", "image": image, "type": "reasoning",
@@ -482,9 +503,16 @@ def _write(out: str, st: Settings) -> None:
       else:
         captions_eval.append({"id": f"{sid}-cap0", "image": image, "conversations": [
             {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": ex["captions"][0]}]})
+        # (the generator only words the request with its rng: the text is the scene's)
+        _, description = detailed_description(scene, np.random.default_rng(0))
         for k, (qtype, q, a) in enumerate(scene_questions(scene, rng)):
           vqa_eval.append({"id": f"{sid}-{qtype}", "image": image, "question_type": qtype,
                            "answer": a, "conversations": single_turn(q, a)})
+          if st.grounded:
+            grounded_eval.append({"id": f"{sid}-{qtype}-text", "question_type": qtype,
+                                  "answer": a, "conversations": [
+                                      {"from": "human", "value": f"{description}\n{q}"},
+                                      {"from": "gpt", "value": a}]})
   for record in instruct[:4000]:  # the tokenizer learns the QA words as whole pieces
     corpus.extend(t["value"].replace(IMAGE_TOKEN + "\n", "") for t in record["conversations"])
   corpus += shapes.tokenizer_corpus(st.seed, 0, image_size=st.image_size,
@@ -493,7 +521,8 @@ def _write(out: str, st: Settings) -> None:
   tok = tokenizer_lib.train_sentencepiece(corpus, st.vocab_size)
   tok.save(os.path.join(out, "tokenizer.model"))
   for name, records in (("captions", captions), ("instruct", instruct),
-                        ("captions_eval", captions_eval), ("vqa_eval", vqa_eval)):
+                        ("captions_eval", captions_eval), ("vqa_eval", vqa_eval),
+                        ("grounded", grounded), ("grounded_eval", grounded_eval)):
     with open(os.path.join(out, f"{name}.json"), "w") as f:
       json.dump(records, f)
   if st.emit_prompts:

@@ -15,14 +15,16 @@ def accuracy(predictions: Sequence[str], answers: Sequence[str],
   """{"vqa_accuracy": mean, "vqa_accuracy/<type>": mean per type, "vqa_count": n}."""
   if len(predictions) != len(answers):
     raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers")
-  types = types or ["all"] * len(answers)
+  correct = [answer_matches(p, a) for p, a in zip(predictions, answers)]
+  return by_type(correct, types or ["all"] * len(answers), "vqa_accuracy")
+
+
+def by_type(correct: Sequence[bool], types: Sequence[str], name: str) -> dict[str, float]:
+  """{name: mean, f"{name}/<type>": mean per type, "vqa_count": n}."""
   per_type: dict[str, list[bool]] = defaultdict(list)
-  correct = []
-  for pred, ans, kind in zip(predictions, answers, types):
-    ok = answer_matches(pred, ans)
-    correct.append(ok)
-    per_type[kind].append(ok)
-  out = {"vqa_accuracy": sum(correct) / max(len(correct), 1), "vqa_count": len(correct)}
+  for ok, kind in zip(correct, types):
+    per_type[kind].append(bool(ok))
+  out = {name: sum(map(bool, correct)) / max(len(correct), 1), "vqa_count": len(correct)}
   for kind, oks in sorted(per_type.items()):
-    out[f"vqa_accuracy/{kind}"] = sum(oks) / len(oks)
+    out[f"{name}/{kind}"] = sum(oks) / len(oks)
   return out

@@ -114,21 +114,34 @@ class LMTask:
     return 3 * llm_lib.forward_flops(self.model_config, self.seq_len)
 
   def _documents(self, split: str) -> list[np.ndarray]:
+    """Tokenised documents; for training, each file's records weighted by
+    `data.lm_weights` (w: every record int(w) times, then the first frac(w) of
+    them once more)."""
     cfg = self.data_cfg
     if split == "train":
-      files = [(_path(cfg, "caption_json_path", "captions.json"), "plain"),
-               (_path(cfg, "json_path", "instruct.json"), cfg.template)]
+      files = [("captions", _path(cfg, "caption_json_path", "captions.json"), "plain"),
+               ("instruct", _path(cfg, "json_path", "instruct.json"), cfg.template)]
+      # The scenes described in words (mmjax.data.instruct's grounded.json).
+      grounded = cfg.get("grounded_json_path") or (
+          cfg.get("instruct_dir") and os.path.join(cfg.instruct_dir, "grounded.json"))
+      if grounded and os.path.exists(grounded):
+        files.append(("grounded", grounded, cfg.template))
     else:
-      files = [(_path(cfg, "caption_eval_json_path", "captions_eval.json"), "plain"),
-               (_path(cfg, "eval_json_path", "vqa_eval.json"), cfg.template)]
+      files = [("captions", _path(cfg, "caption_eval_json_path", "captions_eval.json"), "plain"),
+               ("instruct", _path(cfg, "eval_json_path", "vqa_eval.json"), cfg.template)]
+    weights = dict(cfg.get("lm_weights") or {}) if split == "train" else {}
+    if set(weights) - {name for name, _, _ in files}:
+      raise ValueError(f"data.lm_weights names {sorted(weights)}; the LM's files are "
+                       f"{[name for name, _, _ in files]}")
     docs = []
-    for path, template_name in files:
+    for name, path, template_name in files:
       template = instruct.get_template(template_name, cfg.get("system_prompt")
                                        if template_name != "plain" else None)
-      for r in instruct.load_json(path):
-        tokens, _ = instruct.tokenize(r["conversations"], self.tokenizer, template,
-                                      max_len=self.seq_len, sample_id=r.get("id", "?"))
-        docs.append(tokens)
+      toks = [instruct.tokenize(r["conversations"], self.tokenizer, template,
+                                max_len=self.seq_len, sample_id=r.get("id", "?"))[0]
+              for r in instruct.load_json(path)]
+      w = float(weights.get(name, 1.0))
+      docs += toks * int(w) + toks[:round((w - int(w)) * len(toks))]
     return docs
 
   def train_batches(self, batch_size: int, seed: int, shard_index: int | None = None,
@@ -150,7 +163,52 @@ class LMTask:
         s, c = self._eval_loss(params, batch)
         total, count = total + float(s), count + float(c)
     loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            **self._grounded_accuracy(params, mesh, rules)}
+
+  def _grounded_accuracy(self, params, mesh, rules) -> dict[str, float]:
+    """Held-out questions answered from the scene's description (grounded_eval.json):
+    right when every answer token is the argmax given the ones before it, which
+    is what greedy decoding would write. Empty without the file."""
+    cfg = self.data_cfg
+    path = cfg.get("grounded_eval_json_path") or (
+        cfg.get("instruct_dir") and os.path.join(cfg.instruct_dir, "grounded_eval.json"))
+    if not path or not os.path.exists(path):
+      return {}
+    if not hasattr(self, "_grounded"):
+      records = instruct.load_json(path)
+      template = instruct.get_template(cfg.template, cfg.get("system_prompt"))
+      rows = [instruct.tokenize(r["conversations"], self.tokenizer, template,
+                                max_len=self.seq_len, sample_id=r["id"]) for r in records]
+      bs = int(self.config.eval.batch_size)
+      n = -(-len(rows) // bs) * bs  # whole batches: one compilation
+      rows += [rows[-1]] * (n - len(rows))
+      pad = self.tokenizer.pad_id
+      tokens = np.stack([instruct.pad_to(t, self.seq_len, pad) for t, _ in rows])
+      labels = np.stack([instruct.pad_to(l, self.seq_len, instruct.IGNORE_INDEX) for _, l in rows])
+
+      @jax.jit
+      def all_right(p, tokens, labels):
+        valid = jnp.arange(tokens.shape[1])[None] < jnp.sum(tokens != pad, axis=1)[:, None]
+        logits, _ = self.model.apply({"params": p}, tokens, padding=valid)  # right-padded
+        return greedy_exact(logits, labels)
+
+      self._grounded = (records, tokens, labels, bs, all_right)
+    records, tokens, labels, bs, all_right = self._grounded
+    with parallel.activate(mesh, rules):
+      right = np.concatenate([np.asarray(all_right(params, tokens[i:i + bs], labels[i:i + bs]))
+                              for i in range(0, len(tokens), bs)])[:len(records)]
+    out = vqa.by_type(right, [r.get("question_type", "all") for r in records], "grounded_accuracy")
+    out.pop("vqa_count")
+    return out
+
+
+def greedy_exact(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """[B] True where the argmax at every labelled position is its label (logits
+  [B, T, V] at t predict labels [B, T] at t + 1; negative labels are ignored):
+  greedy decoding from the prompt would write exactly the labelled answer."""
+  hit = (jnp.argmax(logits[:, :-1], -1) == labels[:, 1:]) | (labels[:, 1:] < 0)
+  return jnp.all(hit, axis=1)
 
 
 def _sum_loss(task: LMTask, params, batch):
