@@ -66,6 +66,13 @@ def _path(cfg, key: str, default_name: str) -> str:
   raise ValueError(f"set data.{key} (a LLaVA JSON file) or data.instruct (the shapes settings)")
 
 
+def _optional_path(cfg, key: str, default_name: str) -> str | None:
+  """`_path` for a file the data may lack (older data folders): None if absent."""
+  path = cfg.get(key) or (cfg.get("instruct_dir") and os.path.join(cfg.instruct_dir,
+                                                                    default_name))
+  return path if path and os.path.exists(path) else None
+
+
 def _tokenizer(cfg):
   if not cfg.get("tokenizer"):
     raise ValueError("set data.tokenizer (a sentencepiece .model or tokenizer.json)")
@@ -122,9 +129,8 @@ class LMTask:
       files = [("captions", _path(cfg, "caption_json_path", "captions.json"), "plain"),
                ("instruct", _path(cfg, "json_path", "instruct.json"), cfg.template)]
       # The scenes described in words (mmjax.data.instruct's grounded.json).
-      grounded = cfg.get("grounded_json_path") or (
-          cfg.get("instruct_dir") and os.path.join(cfg.instruct_dir, "grounded.json"))
-      if grounded and os.path.exists(grounded):
+      grounded = _optional_path(cfg, "grounded_json_path", "grounded.json")
+      if grounded:
         files.append(("grounded", grounded, cfg.template))
     else:
       files = [("captions", _path(cfg, "caption_eval_json_path", "captions_eval.json"), "plain"),
@@ -171,9 +177,8 @@ class LMTask:
     right when every answer token is the argmax given the ones before it, which
     is what greedy decoding would write. Empty without the file."""
     cfg = self.data_cfg
-    path = cfg.get("grounded_eval_json_path") or (
-        cfg.get("instruct_dir") and os.path.join(cfg.instruct_dir, "grounded_eval.json"))
-    if not path or not os.path.exists(path):
+    path = _optional_path(cfg, "grounded_eval_json_path", "grounded_eval.json")
+    if not path:
       return {}
     if not hasattr(self, "_grounded"):
       records = instruct.load_json(path)
@@ -198,9 +203,8 @@ class LMTask:
     with parallel.activate(mesh, rules):
       right = np.concatenate([np.asarray(all_right(params, tokens[i:i + bs], labels[i:i + bs]))
                               for i in range(0, len(tokens), bs)])[:len(records)]
-    out = vqa.by_type(right, [r.get("question_type", "all") for r in records], "grounded_accuracy")
-    out.pop("vqa_count")
-    return out
+    return vqa.by_type(right, [r.get("question_type", "all") for r in records],
+                       "grounded_accuracy")
 
 
 def greedy_exact(logits: jax.Array, labels: jax.Array) -> jax.Array:
