@@ -18,7 +18,7 @@ from mmjax.data.pipeline import default_data_config
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, image_size=32, steps=1000, batch=128, variant="nano",
                        patch=8, mask=0.75, decoder_width=64, decoder_depth=2, lr=2e-3, crop=True,
-                       dataset="digits")
+                       transpose=False, dataset="digits")
   c = common.base_config("mae")
   c.total_steps = a.steps
   c.batch_size = a.batch
@@ -37,6 +37,9 @@ def get_config(arg=None):
   c.data.image_size = a.image_size
   c.data.transforms.random_resized_crop = a.crop
   c.data.transforms.crop_scale = (0.6, 1.0)
+  # `transpose=true`: half the images with rows and columns swapped, so that
+  # the position embeddings see rows and columns alike.
+  c.data.transforms.transpose = a.transpose
   c.eval.batch_size = 128
   if a.runlocal:
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 20, 10

@@ -11,7 +11,8 @@ Pictures of a trained ViT or CLIP workdir (written by `mmjax.train` or
                            leaves the init's noise in every direction that its
                            images never excite, and this shows what training wrote
   position_similarity.png  cosine similarity of each position embedding with all others,
-                           laid out on the patch grid
+                           laid out on the patch grid (the mean similarity to the
+                           same row, the same column and the rest is printed)
   attention_rollout.png    attention rollout (Abnar & Zuidema, 2020) over input images
   zeroshot.png             CLIP only: each image beside its top-5 classes' zero-shot
                            probabilities, the true class marked
@@ -100,6 +101,24 @@ def position_similarity(pos_embed: Any, grid: int | tuple[int, int],
   e = pos_embed[num_prefix:]
   e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
   return (e @ e.T).reshape(gh, gw, gh, gw).astype(np.float32)
+
+
+def row_column_similarity(sim: Any) -> dict[str, float]:
+  """Mean similarity of a position with the others of its own row, of its own
+  column, and with the rest, from `position_similarity`'s [gh, gw, gh, gw] maps.
+
+  The ViT paper's pattern (each patch most like its own row and column) has
+  both `row` and `column` above `other`.
+  """
+  sim = np.asarray(sim, np.float64)
+  gh, gw = sim.shape[:2]
+  i, j = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+  same_row = i.ravel()[:, None] == i.ravel()[None, :]
+  same_col = j.ravel()[:, None] == j.ravel()[None, :]
+  flat = sim.reshape(gh * gw, gh * gw)
+  return {"row": float(flat[same_row & ~same_col].mean()),
+          "column": float(flat[same_col & ~same_row].mean()),
+          "other": float(flat[~same_row & ~same_col].mean())}
 
 
 def rollout_matrix(attention: Any) -> np.ndarray:
@@ -323,6 +342,9 @@ def visualize(workdir: str, out: str | None = None, num_images: int = 8,
           f"filters to decompose (its first layer is a stack of 3x3 convs)")
   sim = position_similarity(params["pos_embed"], grid, cfg.num_prefix_tokens)
   save(plot_position_similarity(sim), "position_similarity")
+  rc = row_column_similarity(sim)
+  print("position similarity, mean over the grid: same row {row:.3f}, same column "
+        "{column:.3f}, elsewhere {other:.3f}".format(**rc))
 
   data = loaded.config.data
   mode = data.transforms.normalize

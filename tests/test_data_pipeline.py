@@ -328,6 +328,20 @@ def test_random_crop_and_flip_mirror_captions():
       "a red circle to the right of a star, left?")
 
 
+def test_transpose_swaps_rows_and_columns_and_captioned_data_refuses_it(cfg, tok):
+  rng = np.random.default_rng(0)
+  image = np.zeros((32, 32, 3), np.uint8)
+  image[:8] = 255  # white at the top
+  out = transforms.train_image(image, 32, rng, mode="zero_one", transpose=True)
+  assert out[:, :8].min() == 1.0 and out[:, 8:].max() == 0.0  # now on the left
+  crop = transforms.train_image(image, 32, rng, mode="zero_one", flip=True, transpose=True)
+  np.testing.assert_array_equal(crop, out)  # a left-right mirror of this image changes nothing
+  bad = cfg.copy_and_resolve_references()
+  bad.transforms.transpose = True
+  with pytest.raises(ValueError, match="transpose"):
+    data.train_iterator(bad, tokenizer=tok, batch_size=8, seed=0, shard_index=0, shard_count=1)
+
+
 def test_decode_and_to_pil():
   buf = io.BytesIO()
   Image.new("L", (5, 4), 7).save(buf, format="PNG")

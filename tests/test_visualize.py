@@ -68,6 +68,17 @@ def test_position_similarity_shape_diagonal_and_prefix_skipped():
     visualize.position_similarity(pos[1:], (gh, gw), num_prefix=1)
 
 
+def test_row_column_similarity_tells_rows_from_columns():
+  gh, gw = 4, 5
+  rows = np.eye(gh)[np.repeat(np.arange(gh), gw)]  # [gh*gw, gh]: one-hot row
+  cols = np.eye(gw)[np.tile(np.arange(gw), gh)]
+  only_rows = visualize.row_column_similarity(visualize.position_similarity(rows, (gh, gw), 0))
+  assert only_rows == pytest.approx({"row": 1.0, "column": 0.0, "other": 0.0})
+  both = visualize.row_column_similarity(
+      visualize.position_similarity(np.concatenate([rows, cols], -1), (gh, gw), 0))
+  assert both == pytest.approx({"row": 0.5, "column": 0.5, "other": 0.0})
+
+
 def test_sinusoidal_embeddings_peak_at_their_own_patch():
   g, d = 6, 64
   ij = np.stack(np.meshgrid(np.arange(g), np.arange(g), indexing="ij"), -1).reshape(-1, 2)

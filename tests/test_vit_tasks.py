@@ -193,6 +193,21 @@ def test_vit_keep_all_patches_matches_no_keep_and_conv_stem_refuses():
 
 # -- the label fraction -----------------------------------------------------------
 
+def test_transpose_augmentation_swaps_half_the_images():
+  cfg = mae_digits.get_config("runlocal=true,transpose=true").data
+  cfg.transforms.random_resized_crop = False
+  cfg.image_size = 8
+  image = np.zeros((8, 8, 3), np.uint8)
+  image[0] = 255  # the top row white
+  example = vit_tasks.ImageLabelExample(cfg)
+  rng = np.random.default_rng(0)
+  outs = [example.random_map((0, {"bad": False, "image": image, "label": 3}), rng)["image"]
+          for _ in range(64)]
+  top = sum(bool((o[0] > o[1:].max()).all()) for o in outs)
+  left = sum(bool((o[:, 0] > o[:, 1:].max()).all()) for o in outs)
+  assert top + left == 64 and 16 < left < 48
+
+
 def test_subset_indices_are_fixed_and_sized():
   a = pipeline.subset_indices(1438, 0.1, seed=0)
   assert len(a) == 144 and len(set(a)) == 144 and np.all(np.diff(a) > 0)

@@ -56,6 +56,9 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
           # Off by default: a flip turns "left" into "right" (captions are then
           # mirrored too, but digits have no mirror image).
           "hflip": False,
+          # Swap rows and columns of half the images (image-only tasks: vit, mae;
+          # captions are not rewritten). Makes rows and columns alike to the model.
+          "transpose": False,
           "pad_to_square": name == "llava",  # LLaVA 1.5 pads with its mean colour
       },
       "num_workers": 0,  # grain worker processes; 0 = in this process
@@ -350,6 +353,9 @@ class _TrainExample(grain.transforms.RandomMap):
     self._crop_scale = tuple(tcfg.crop_scale)
     self._flip = bool(tcfg.hflip)
     self._pad_square = bool(tcfg.pad_to_square)
+    if tcfg.get("transpose", False):
+      raise ValueError("data.transforms.transpose is for image-only tasks (vit, mae): "
+                       "it would not rewrite the captions of a transposed image")
     self._tokenizer = tokenizer
     self._return_index = bool(_opt(data_cfg, "return_index", False))
     transforms.normalize(np.zeros((1, 1, 3), np.uint8), self._mode)  # fail early on a bad mode

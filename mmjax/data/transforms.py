@@ -159,13 +159,16 @@ def preprocess_image(image: Any, size: int, mode: str = "clip", *,
 
 def train_image(image: Any, size: int, rng: np.random.Generator, *, mode: str = "clip",
                 random_crop: bool = False, crop_scale: tuple[float, float] = (0.08, 1.0),
-                flip: bool = False, pad_square: bool = False) -> np.ndarray:
-  """Train preprocessing: optional random resized crop, mirror when `flip`, then normalise.
+                flip: bool = False, pad_square: bool = False,
+                transpose: bool = False) -> np.ndarray:
+  """Train preprocessing: optional random resized crop, mirror when `flip`, then normalise;
+  rows and columns swapped when `transpose`.
 
   The caller decides `flip`, so that it can mirror the caption too (`mirror_text`).
   """
   if not random_crop and not flip:
-    return preprocess_image(image, size, mode, pad_square=pad_square)
+    out = preprocess_image(image, size, mode, pad_square=pad_square)
+    return out.swapaxes(0, 1) if transpose else out
   pil = to_pil(image)
   if pad_square:
     pil = pad_to_square(pil)
@@ -175,7 +178,8 @@ def train_image(image: Any, size: int, rng: np.random.Generator, *, mode: str = 
     pil = center_crop(resize_shorter(pil, size), size)
   if flip:
     pil = hflip(pil)
-  return normalize(np.asarray(pil), mode)
+  out = normalize(np.asarray(pil), mode)
+  return out.swapaxes(0, 1) if transpose else out
 
 
 _MIRROR = re.compile(r"\b(left|right)\b")

@@ -39,14 +39,15 @@ from mmjax.train import tasks
 
 
 class ImageLabelExample(grain.transforms.RandomMap):
-  """Train example -> {image, label} (with the config's random crop and flip);
-  None (skipped) for an unreadable image."""
+  """Train example -> {image, label} (with the config's random crop, flip and
+  transpose); None (skipped) for an unreadable image."""
 
   def __init__(self, data_cfg):
     t = data_cfg.transforms
     self.size, self.mode = int(data_cfg.image_size), t.normalize
     self.crop, self.crop_scale = bool(t.random_resized_crop), tuple(t.crop_scale)
     self.flip, self.pad_square = bool(t.hflip), bool(t.pad_to_square)
+    self.transpose = bool(t.get("transpose", False))
 
   def random_map(self, item, rng: np.random.Generator):
     _, example = item
@@ -55,7 +56,8 @@ class ImageLabelExample(grain.transforms.RandomMap):
     image = transforms.train_image(example["image"], self.size, rng, mode=self.mode,
                                    random_crop=self.crop, crop_scale=self.crop_scale,
                                    flip=self.flip and rng.random() < 0.5,
-                                   pad_square=self.pad_square)
+                                   pad_square=self.pad_square,
+                                   transpose=self.transpose and rng.random() < 0.5)
     return {"image": image, "label": np.int32(example["label"])}
 
 
