@@ -191,8 +191,6 @@ def test_vit_keep_all_patches_matches_no_keep_and_conv_stem_refuses():
     jax.eval_shape(conv.init, jax.random.key(0), x, keep=jnp.zeros((2, 4), jnp.int32))
 
 
-# -- the label fraction -----------------------------------------------------------
-
 def test_transpose_augmentation_swaps_half_the_images():
   cfg = mae_digits.get_config("runlocal=true,transpose=true").data
   cfg.transforms.random_resized_crop = False
@@ -207,6 +205,8 @@ def test_transpose_augmentation_swaps_half_the_images():
   left = sum(bool((o[:, 0] > o[:, 1:].max()).all()) for o in outs)
   assert top + left == 64 and 16 < left < 48
 
+
+# -- the label fraction -----------------------------------------------------------
 
 def test_subset_indices_are_fixed_and_sized():
   a = pipeline.subset_indices(1438, 0.1, seed=0)
