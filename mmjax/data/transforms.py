@@ -168,17 +168,17 @@ def train_image(image: Any, size: int, rng: np.random.Generator, *, mode: str = 
   """
   if not random_crop and not flip:
     out = preprocess_image(image, size, mode, pad_square=pad_square)
-    return out.swapaxes(0, 1) if transpose else out
-  pil = to_pil(image)
-  if pad_square:
-    pil = pad_to_square(pil)
-  if random_crop:
-    pil = random_resized_crop(pil, size, rng, scale=tuple(crop_scale))
   else:
-    pil = center_crop(resize_shorter(pil, size), size)
-  if flip:
-    pil = hflip(pil)
-  out = normalize(np.asarray(pil), mode)
+    pil = to_pil(image)
+    if pad_square:
+      pil = pad_to_square(pil)
+    if random_crop:
+      pil = random_resized_crop(pil, size, rng, scale=tuple(crop_scale))
+    else:
+      pil = center_crop(resize_shorter(pil, size), size)
+    if flip:
+      pil = hflip(pil)
+    out = normalize(np.asarray(pil), mode)
   return out.swapaxes(0, 1) if transpose else out
 
 
