@@ -15,17 +15,23 @@ import sys
 import time
 from typing import Any, Callable
 
-# XLA's CPU flags the step benchmarks run with (BUILD.md, 'Performance').
-# Eigen's multi-threaded contractions use every core for one matmul; the step's
-# ops are then run one after another, which on a few cores beats running
-# independent ops side by side on one core each.
+# XLA's CPU flags the step benchmarks run with (BUILD.md, 'Performance'): Eigen's
+# multi-threaded contractions (the default, kept explicit).
 CPU_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=true",)
 
 
-def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
-  """Adds `xla_flags` to XLA_FLAGS (flags already set win); call before importing jax."""
+def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS, tuned_malloc: bool = True) -> None:
+  """Adds `xla_flags` to XLA_FLAGS (flags already set win); call before importing jax.
+
+  With `tuned_malloc`, first re-executes the process with the malloc tunables
+  that `python -m mmjax.train` runs with (mmjax/hostenv.py); the peer, in the
+  same process, runs with them too.
+  """
   if "jax" in sys.modules:
     raise RuntimeError("benchmarks.common.configure_host() must run before `import jax`")
+  if tuned_malloc:
+    from mmjax import hostenv
+    hostenv.reexec_with_tuned_malloc()
   flags = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in xla_flags if f.split("=")[0] not in flags]
   os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
@@ -35,7 +41,8 @@ def machine() -> dict[str, Any]:
   """What the numbers were measured on, with the load average at the time."""
   info = {"platform": platform.platform(), "cpus": os.cpu_count(),
           "processor": _cpu_model(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   import jax
   info["jax"] = jax.__version__
   info["device"] = jax.devices()[0].device_kind
