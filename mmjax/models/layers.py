@@ -8,6 +8,7 @@ and the main activations are constrained with (`act_batch`, `act_len`,
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -40,8 +41,21 @@ def quick_gelu(x: Array) -> Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def gelu(x: Array) -> Array:
+  """The exact GELU as torch computes it, x/2 (1 + erf(x / sqrt 2)).
+
+  jax.nn.gelu(approximate=False) goes through erfc, whose float32 expansion
+  evaluates an exp and two branches per element; erf's is one rational
+  polynomial. The two agree to 1e-6 on [-10, 10].
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf, as torch
+    "gelu": gelu,
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": jax.nn.relu,
@@ -247,10 +261,13 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
       new_cache = {"k": k, "v": v, "index": index + x.shape[1]}
 
-    out = jax.nn.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=self.attention_impl)
     if self.sow_weights:
       self.sow("intermediates", "attention", attention_weights(q, k, mask))
+    # Scaling the queries ([B, T, N, H]) costs less than scaling the scores ([B, N, T, S]).
+    q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0,
+        implementation=self.attention_impl)
     out = DenseND((x.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                   dtype=self.dtype, name="out")(out)
     return out, new_cache
