@@ -25,6 +25,14 @@ def test_gelu_is_exact_erf_not_tanh():
   assert np.max(np.abs(layers.activation("gelu_tanh")(x) - exact)) > 1e-5
 
 
+def test_gelu_and_its_gradient_match_jax_over_the_tails():
+  x = jnp.linspace(-10, 10, 2001)
+  ref = lambda x: jax.nn.gelu(x, approximate=False)  # noqa: E731
+  np.testing.assert_allclose(layers.gelu(x), ref(x), atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(x), jax.vmap(jax.grad(ref))(x),
+                             atol=2e-6)
+
+
 def test_unknown_names_raise():
   with pytest.raises(ValueError, match="swish2"):
     layers.activation("swish2")
