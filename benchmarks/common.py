@@ -20,18 +20,15 @@ from typing import Any, Callable
 CPU_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=true",)
 
 
-def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS, tuned_malloc: bool = True) -> None:
-  """Adds `xla_flags` to XLA_FLAGS (flags already set win); call before importing jax.
-
-  With `tuned_malloc`, first re-executes the process with the malloc tunables
-  that `python -m mmjax.train` runs with (mmjax/hostenv.py); the peer, in the
-  same process, runs with them too.
+def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
+  """Re-executes the process with the malloc tunables that `python -m mmjax.train`
+  runs with (mmjax/hostenv.py; a peer in the same process gets them too), then
+  adds `xla_flags` to XLA_FLAGS (flags already set win). Call before importing jax.
   """
   if "jax" in sys.modules:
     raise RuntimeError("benchmarks.common.configure_host() must run before `import jax`")
-  if tuned_malloc:
-    from mmjax import hostenv
-    hostenv.reexec_with_tuned_malloc()
+  from mmjax import hostenv
+  hostenv.reexec_with_tuned_malloc()
   flags = os.environ.get("XLA_FLAGS", "")
   extra = [f for f in xla_flags if f.split("=")[0] not in flags]
   os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
