@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import clip_step, compile as compile_bench, gpu, llava_step
+from benchmarks import attention, clip_step, compile as compile_bench, gpu, llava_step
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +64,12 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
   for name in ("clip", "llava"):
     assert r[name]["finite"] and r[name]["examples_per_sec"] > 0 and r[name]["mfu"] > 0
   assert r["clip"]["batch"] == gpu.SMOKE_CLIP_BATCHES[0]
+
+
+def test_attention_benchmark_tiny(tmp_path):
+  out = tmp_path / "attention.json"
+  attention.main(["--shapes=tiny", "--repeats=1", "--warmup=1", f"--out={out}"])
+  row = json.load(open(out))["shapes"]["tiny"]
+  assert row["max_abs_difference_from_xla"] < 1e-5
+  assert row["xla_over_ours_fwd"] > 0 and row["xla_over_ours_fwd+bwd"] > 0
+  assert all(ms > 0 for ms in row["median_ms"].values())
