@@ -209,6 +209,7 @@ class DenseND(nn.Module):
       y = y + bias.astype(self.dtype)
     return y
 
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
                           implementation: str | None = None) -> Array:
   """softmax(q k^T) v, unscaled (scale q first): q [B, T, N, H], k and v
@@ -221,8 +222,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
   gradient (softmax does not depend on it). On the 2-core CPU of BUILD.md, for
   one ViT-S/16 layer, that is 1.7x faster than `jax.nn.dot_product_attention`'s
   XLA path forward and 1.16x with the backward; on par for a causal GQA layer
-  (`python -m benchmarks.attention`). Any
-  other value ("xla", "cudnn") is passed to `jax.nn.dot_product_attention`.
+  (`python -m benchmarks.attention`). Any other value ("xla", "cudnn") is
+  passed to `jax.nn.dot_product_attention`.
   """
   if implementation is not None:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
