@@ -127,9 +127,15 @@ def test_attention_projects_q_k_v_as_separate_params_and_matches_densend(rng):
   attn = layers.Attention(num_heads=4, head_dim=4)
   params = nn.unbox(attn.init(rng, x))["params"]
   dense = layers.DenseND((4, 4), ("embed", "heads", "kv"))
-  for name in ("query", "key", "value"):
-    ref = nn.unbox(dense.init(jax.random.fold_in(rng, 1), x))["params"]
-    chex.assert_trees_all_equal_shapes(params[name], ref)
+
+  class ThreeDense(nn.Module):  # the projections as they were: three DenseND modules
+    @nn.compact
+    def __call__(self, x):
+      return [layers.DenseND((4, 4), ("embed", "heads", "kv"), name=n)(x)
+              for n in ("query", "key", "value")]
+
+  before = nn.unbox(ThreeDense().init(rng, x))["params"]
+  chex.assert_trees_all_equal({n: params[n] for n in before}, before)
   out, _ = attn.apply({"params": params}, x)
   proj = {n: dense.apply({"params": params[n]}, x) for n in ("query", "key", "value")}
   scores = jnp.einsum("btnh,bsnh->bnts", proj["query"] / 2.0, proj["key"])
