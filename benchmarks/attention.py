@@ -8,8 +8,7 @@ backward, timed in alternation in one process, medians over the repeats.
 Shapes: `vit_s16` is one layer of the CLIP benchmark's ViT-S/16 tower (batch
 32, 197 tokens, 6 heads of 64); `llava_gqa` a causal, padded LM layer with
 grouped keys and values (torch: causal only, without the padding); `tiny`
-is for CI. Ratios are `xla / ours` (above 1:
-ours is faster) and `torch / ours`.
+is for CI. Ratios are `xla / ours` (above 1: ours is faster) and `torch / ours`.
 """
 
 from __future__ import annotations
@@ -46,10 +45,9 @@ def _jax_fns(shape) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
     padding[::2, -t // 4:] = False
     mask = layers.make_attention_mask(t, t, padding=jnp.asarray(padding), causal=True)
   cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
-  impls = {"ours": None, "xla": "xla"}
   fns, errors = {}, {}
   want = layers.dot_product_attention(q, k, v, mask, "xla")
-  for name, impl in impls.items():
+  for name, impl in (("ours", None), ("xla", "xla")):
     def attend(q, k, v, impl=impl):
       return layers.dot_product_attention(q, k, v, mask, impl)
     fwd = jax.jit(attend)

@@ -196,18 +196,25 @@ class DenseND(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    in_shape = x.shape[x.ndim - self.in_dims:]
-    n_in, n_out = len(in_shape), len(self.out_shape)
-    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)),
-                                        out_axis=tuple(range(n_in, n_in + n_out)))
-    kernel = self.param("kernel", _part(init, self.names), (*in_shape, *self.out_shape),
-                        jnp.float32)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
-    if self.use_bias:
-      bias = self.param("bias", _part(nn.initializers.zeros, self.names[n_in:]), self.out_shape,
-                        jnp.float32)
+    kernel, bias = _dense_params(self, x.shape[x.ndim - self.in_dims:], self.out_shape,
+                                 self.names, self.use_bias)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_dims)
+    if bias is not None:
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _dense_params(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                  names: tuple[str | None, ...], use_bias: bool) -> tuple[Array, Array | None]:
+  """The float32 kernel [*in_shape, *out_shape] (lecun-normal over the in dims)
+  and bias [*out_shape] (zeros; None without) of `module`, as DenseND stores them."""
+  n_in, n_out = len(in_shape), len(out_shape)
+  init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)),
+                                      out_axis=tuple(range(n_in, n_in + n_out)))
+  kernel = module.param("kernel", _part(init, names), (*in_shape, *out_shape), jnp.float32)
+  bias = module.param("bias", _part(nn.initializers.zeros, names[n_in:]), out_shape,
+                      jnp.float32) if use_bias else None
+  return kernel, bias
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
@@ -263,11 +270,7 @@ class _Projection(nn.Module):
 
   @nn.compact
   def __call__(self, in_dim: int) -> tuple[Array, Array | None]:
-    init = nn.initializers.lecun_normal(in_axis=(0,), out_axis=tuple(range(1, 1 + len(self.out_shape))))
-    kernel = self.param("kernel", _part(init, self.names), (in_dim, *self.out_shape), jnp.float32)
-    bias = self.param("bias", _part(nn.initializers.zeros, self.names[1:]), self.out_shape,
-                      jnp.float32) if self.use_bias else None
-    return kernel, bias
+    return _dense_params(self, (in_dim,), self.out_shape, self.names, self.use_bias)
 
 
 def _project(x: Array, parts: list[tuple[Array, Array | None]], dtype: Dtype) -> list[Array]:
