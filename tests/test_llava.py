@@ -79,6 +79,45 @@ def test_a_row_is_the_same_wherever_it_sits_in_the_batch():
   assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_next_token_logits_are_the_full_logits_before_each_text_token():
+  # The training loss's logits (the head only before text tokens) against the
+  # full forward's, spliced labels shifted by one: the same predictions and
+  # the same loss, wherever the image sits, without one, with padding.
+  from mmjax import losses
+  model = llava_lib.LLaVA(TINY)
+  ids = jnp.array([[1, 4, 10, 11, 0, 0],
+                   [0, 0, 1, 12, 4, 13],
+                   [1, 14, 15, 16, 17, 4],
+                   [1, 18, 19, 20, 0, 0]])
+  labels = jnp.where(ids == 0, -100, ids + 5).at[:, :2].set(-100)
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  params = init_params(model, images, ids)
+  full, out = model.apply({"params": params}, images, ids)
+  part, out2 = model.apply({"params": params}, images, ids,
+                           method=llava_lib.LLaVA.next_token_logits)
+  assert part.shape == (4, ids.shape[1] - 1, full.shape[-1])
+  slots = llava_lib.text_predecessors(out["plan"], ids.shape[1], N)
+  target_valid = np.asarray(out2["target_valid"])
+  np.testing.assert_array_equal(target_valid, np.asarray((ids[:, 1:] != 0) & (ids[:, 1:] != IMG)))
+  for r in range(4):
+    for i in np.flatnonzero(target_valid[r]):
+      np.testing.assert_allclose(np.asarray(part[r, i]), np.asarray(full[r, slots[r, i]]),
+                                 rtol=1e-5, atol=1e-5)
+  # Row 0: token 2 (10) follows the image, so the last image slot predicts it.
+  assert int(slots[0, 1]) == 1 + N - 1
+  spliced = llava_lib.splice_labels(labels, out["plan"])
+  want, n_want = losses.next_token_loss(full[:, :-1], spliced[:, 1:])
+  got, n_got = losses.next_token_loss(part, jnp.where(out2["target_valid"], labels[:, 1:], -100))
+  assert int(n_got) == int(n_want) > 0
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_shift_labels_pads_with_the_ignore_index():
+  from mmjax import losses
+  got = losses.shift_labels(jnp.array([[5, 6, 7], [-100, 8, 9]]))
+  np.testing.assert_array_equal(got, [[6, 7, -100], [8, 9, -100]])
+
+
 def test_features_are_the_projected_penultimate_layer():
   model = llava_lib.LLaVA(TINY)
   images = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))

@@ -67,8 +67,10 @@ def forward_flops(cfg: LLaVAConfig, text_len: int) -> tuple[float, float, float]
   n = cfg.num_image_tokens
   d_v, d = cfg.vision.size["width"] * cfg.merge ** 2, cfg.llm.width
   proj = 2 * n * d_v * d + (2 * n * d * d if cfg.projector == "mlp2x_gelu" else 0)
+  # The head at the text_len - 1 slots that predict a text token
+  # (LLaVA.next_token_logits).
   return (vit_lib.forward_flops(cfg.vision), proj,
-          llm_lib.forward_flops(cfg.llm, text_len - 1 + n))
+          llm_lib.forward_flops(cfg.llm, text_len - 1 + n, head_positions=text_len - 1))
 
 
 class Projector(nn.Module):
@@ -140,7 +142,19 @@ def splice_plan(ids: jax.Array, image_token_id: int, num_image_tokens: int,
   patch_index = jnp.where(in_image, j - k, -1)
   text_valid = jnp.take_along_axis(padding, jnp.clip(text_index, 0, t - 1), axis=1)
   valid = in_image | ((text_index >= 0) & text_valid.astype(bool))
-  return {"text_index": text_index, "patch_index": patch_index, "valid": valid}
+  return {"text_index": text_index, "patch_index": patch_index, "valid": valid,
+          "image_start": k[:, 0]}
+
+
+def text_predecessors(plan: dict[str, jax.Array], text_len: int,
+                      num_image_tokens: int) -> jax.Array:
+  """[B, T - 1]: for text positions i = 1 .. T - 1, the slot of the expanded
+  sequence just before token i's slot, i.e. the slot whose logits predict
+  token i (the last image slot for the token after the placeholder). At the
+  placeholder itself (no slot of its own) the value is unused."""
+  i = jnp.arange(1, text_len)[None, :]
+  start = plan["image_start"][:, None]  # text_len where a row has no image
+  return jnp.where(i < start, i, i + num_image_tokens - 1) - 1
 
 
 def splice_labels(labels: jax.Array, plan: dict[str, jax.Array],
@@ -201,3 +215,20 @@ class LLaVA(nn.Module):
     embeds, plan = self.embed_inputs(images, ids, padding)
     logits, _ = self.llm(embeddings=embeds, padding=plan["valid"])
     return logits, {"plan": plan}
+
+  def next_token_logits(self, images: jax.Array, ids: jax.Array,
+                        padding: jax.Array | None = None):
+    """(logits [B, T - 1, V] predicting ids[:, 1:], out): the training loss's
+    logits. The output head runs only at the T - 1 slots that precede a text
+    token, not at all T - 1 + N (no label is ever at an image slot): N / (T - 1
+    + N) of the head's and the softmax's work saved. out["target_valid"]
+    [B, T - 1] is False where ids[:, 1:] is the placeholder or padding."""
+    cfg = self.config
+    if padding is None:
+      padding = ids != cfg.pad_id
+    embeds, plan = self.embed_inputs(images, ids, padding)
+    at = text_predecessors(plan, ids.shape[1], cfg.num_image_tokens)
+    logits, _ = self.llm(embeddings=embeds, padding=plan["valid"], logits_at=at)
+    target = jnp.arange(1, ids.shape[1])[None, :]
+    valid = padding[:, 1:] & (target != plan["image_start"][:, None])
+    return logits, {"plan": plan, "target_valid": valid}

@@ -101,12 +101,14 @@ def llm_config(size: str, **overrides) -> LLMConfig:
   return LLMConfig(**values)
 
 
-def forward_flops(cfg: LLMConfig, seq: int) -> float:
-  """Forward FLOPs of one sequence of `seq` tokens: the blocks and the output head."""
+def forward_flops(cfg: LLMConfig, seq: int, head_positions: int | None = None) -> float:
+  """Forward FLOPs of one sequence of `seq` tokens: the blocks and the output
+  head, the latter at `head_positions` of them (default all)."""
   blocks = layers.stack_forward_flops(
       cfg.depth, seq, cfg.width, cfg.mlp_dim, num_heads=cfg.num_heads,
       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_size, gated=True)
-  return blocks + 2 * seq * cfg.width * cfg.vocab_size
+  head = seq if head_positions is None else head_positions
+  return blocks + 2 * head * cfg.width * cfg.vocab_size
 
 
 def init_cache(cfg: LLMConfig, batch: int, length: int, dtype=None) -> dict[str, jax.Array]:
@@ -178,7 +180,11 @@ class LLM(nn.Module):
   def __call__(self, ids: jax.Array | None = None, *, embeddings: jax.Array | None = None,
                padding: jax.Array | None = None, positions: jax.Array | None = None,
                mask: jax.Array | None = None, cache: dict | None = None,
-               return_hidden: bool = False):
+               logits_at: jax.Array | None = None, return_hidden: bool = False):
+    """Logits [B, T, V] (and the updated cache); with `logits_at` [B, K] (slot
+    indices), only those slots' logits, [B, K, V]: a loss that needs K < T of
+    them skips the head's work at the rest. `return_hidden` adds the final
+    hidden states [B, T, D] (all slots)."""
     if (ids is None) == (embeddings is None):
       raise ValueError("pass exactly one of ids or embeddings")
     x = self.embed(ids) if embeddings is None else embeddings.astype(jnp.dtype(self.config.dtype))
@@ -194,10 +200,11 @@ class LLM(nn.Module):
     x = layers.act_constrain(x)
     x, _, cache = self.decoder(x, mask, positions, cache)
     x = self.norm(x)
+    h = x if logits_at is None else jnp.take_along_axis(x, logits_at[..., None], axis=1)
     if self.config.tie_embeddings:
-      logits = self.embed_tokens.attend(x)
+      logits = self.embed_tokens.attend(h)
     else:
-      logits = self.lm_head(x)
+      logits = self.lm_head(h)
     logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))
     if return_hidden:
       return logits, cache, x

@@ -114,7 +114,7 @@ class LMTask:
     mask = llm_lib.causal_mask(segments > 0, segment_ids=segments)
     logits, _ = self.model.apply({"params": params}, batch["tokens"],
                                  positions=batch["positions"], mask=mask)
-    loss, count = losses.next_token_loss(logits[:, :-1], batch["labels"][:, 1:])
+    loss, count = losses.next_token_loss(logits, losses.shift_labels(batch["labels"]))
     return loss, {"tokens": count.astype(jnp.float32)}
 
   def flops_per_example(self) -> float:
@@ -397,9 +397,11 @@ class LLaVATask:
 
   def loss(self, params, batch, rng):
     del rng
-    logits, out = self.model.apply({"params": params}, batch["image"], batch["tokens"])
-    labels = llava_lib.splice_labels(batch["labels"], out["plan"])
-    loss, count = losses.next_token_loss(logits[:, :-1], labels[:, 1:])
+    # Logits only where a text token is predicted (LLaVA.next_token_logits).
+    logits, out = self.model.apply({"params": params}, batch["image"], batch["tokens"],
+                                   method=llava_lib.LLaVA.next_token_logits)
+    labels = jnp.where(out["target_valid"], batch["labels"][:, 1:], losses.IGNORE_INDEX)
+    loss, count = losses.next_token_loss(logits, labels)
     return loss, {"tokens": count.astype(jnp.float32)}
 
   def flops_per_example(self) -> float:
