@@ -33,6 +33,18 @@ def test_gelu_and_its_gradient_match_jax_over_the_tails():
                              atol=2e-6)
 
 
+def test_swiglu_and_its_gradients_match_autodiff():
+  gate = jnp.linspace(-12, 12, 241).reshape(1, 241)
+  up = jnp.cos(jnp.arange(241.0)).reshape(1, 241) * 3
+  ref = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
+  np.testing.assert_allclose(layers.swiglu(gate, up), ref(gate, up), rtol=1e-6, atol=1e-6)
+  w = jnp.sin(jnp.arange(241.0))  # a cotangent that is not all ones
+  ours = jax.grad(lambda g, u: jnp.sum(w * layers.swiglu(g, u)), argnums=(0, 1))(gate, up)
+  theirs = jax.grad(lambda g, u: jnp.sum(w * ref(g, u)), argnums=(0, 1))(gate, up)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_names_raise():
   with pytest.raises(ValueError, match="swish2"):
     layers.activation("swish2")

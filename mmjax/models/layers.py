@@ -54,6 +54,26 @@ def gelu(x: Array) -> Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+  """silu(gate) * up (Llama's gated MLP), with sigmoid(gate) kept for the
+  backward pass: its gradient is then products only, no exp per element."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  s = jax.nn.sigmoid(gate)
+  return gate * s * up, (gate, up, s)
+
+
+def _swiglu_bwd(res, g):
+  gate, up, s = res
+  return g * up * s * (1 + gate * (1 - s)), g * gate * s
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": gelu,
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -388,7 +408,7 @@ class MLP(nn.Module):
       up = dense(self.hidden_dim, name="up",
                  kernel_init=_part(init, ("embed", "mlp")),
                  bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
-      h = jax.nn.silu(gate) * up
+      h = swiglu(gate, up)
     else:
       h = dense(self.hidden_dim, name="fc1",
                 kernel_init=_part(init, ("embed", "mlp")),
