@@ -35,7 +35,7 @@ def shift_labels(labels, ignore_index: int = IGNORE_INDEX):
   then `ignore_index`. Position t's logits predict token t + 1, so the loss
   takes all T positions' logits as they are: slicing off the last one,
   `logits[:, :-1]`, would copy the [B, T, V] logits forward and pad their
-  gradient backward (on the CPU of BUILD.md, about 6% of a LLaVA step)."""
+  gradient backward."""
   return jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=ignore_index)
 
 

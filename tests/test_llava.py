@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import llava_shapes, lm_shapes
-from mmjax import checkpoint
+from mmjax import checkpoint, losses
 from mmjax.models import llava as llava_lib, llm as llm_lib
 from mmjax.models.vit import ViTConfig
 from mmjax.train import loop, optim, step as step_lib
@@ -83,7 +83,6 @@ def test_next_token_logits_are_the_full_logits_before_each_text_token():
   # The training loss's logits (the head only before text tokens) against the
   # full forward's, spliced labels shifted by one: the same predictions and
   # the same loss, wherever the image sits, without one, with padding.
-  from mmjax import losses
   model = llava_lib.LLaVA(TINY)
   ids = jnp.array([[1, 4, 10, 11, 0, 0],
                    [0, 0, 1, 12, 4, 13],
@@ -113,7 +112,6 @@ def test_next_token_logits_are_the_full_logits_before_each_text_token():
 
 
 def test_shift_labels_pads_with_the_ignore_index():
-  from mmjax import losses
   got = losses.shift_labels(jnp.array([[5, 6, 7], [-100, 8, 9]]))
   np.testing.assert_array_equal(got, [[6, 7, -100], [8, 9, -100]])
 
