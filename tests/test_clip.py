@@ -76,3 +76,31 @@ def test_flop_counts_match_the_open_clip_profile():
   assert abs(l14 / 1e9 - 162.0) < 0.5, l14
   assert abs(text.forward_flops(TextConfig(size="B")) / 1e9 - 5.96) < 0.05
   assert abs(text.forward_flops(TextConfig(size="L")) / 1e9 - 13.3) < 0.1
+
+
+def test_unrolled_towers_run_the_last_block_at_the_pooled_token_only():
+  """Unrolled, encode_image / encode_text run the last block at the class / EOS
+  token alone: same embeddings as the full towers, fewer FLOPs counted."""
+  from mmjax.models import clip as clip_lib
+  from mmjax.models.text import TextTransformer
+  from mmjax.models.vit import ViT
+  cfg = tiny_clip_config(vision=ViTConfig(variant="tiny/8", image_size=32, pre_norm=True,
+                                          norm_eps=1e-5, scan=False),
+                         text=TextConfig(size="tiny", vocab_size=64, context_length=16,
+                                         eos_id=2, scan=False))
+  model = CLIP(cfg)
+  images, ids = _batch()
+  ids = ids.at[1, 9].set(5).at[1, 4].set(2)  # EOS at 4 in row 1
+  params = init_params(model, images, ids)
+  out = jax.jit(model.apply)({"params": params}, images, ids)
+  pooled_img, vis = ViT(cfg.vision).apply({"params": params["vision"]}, images)
+  pooled_txt, txt = TextTransformer(cfg.text).apply({"params": params["text"]}, ids)
+  assert vis["tokens"].shape[1] == 17 and txt["tokens"].shape[1] == 16
+  want_img = clip_lib.l2_normalize(pooled_img @ params["image_proj"]["kernel"])
+  want_txt = clip_lib.l2_normalize(pooled_txt @ params["text_proj"]["kernel"])
+  np.testing.assert_allclose(out["image_embeds"], want_img, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["text_embeds"], want_txt, rtol=1e-5, atol=1e-6)
+  _, vis_one = ViT(cfg.vision).apply({"params": params["vision"]}, images, pooled_only=True)
+  assert "tokens" not in vis_one
+  scanned = tiny_clip_config()
+  assert clip_lib.forward_flops(cfg) < clip_lib.forward_flops(scanned)

@@ -240,3 +240,46 @@ def test_remat_gives_the_same_gradients(policy, scan):
   g_plain = jax.jit(jax.grad(loss(plain)))(params)
   g_remat = jax.jit(jax.grad(loss(remat)))(params)
   chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-4, atol=1e-4)  # float32 round-off
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("kind", ["vit", "causal_gqa_rope"])
+def test_query_index_gives_the_full_stacks_rows_and_gradients(scan, kind):
+  """The last block run at a few positions alone (`query_index`) equals the
+  full stack's output at them, with its gradients; remat too."""
+  block = BLOCK if kind == "vit" else dict(
+      num_heads=4, head_dim=8, mlp_dim=32, num_kv_heads=2, act="swiglu", norm="rmsnorm",
+      use_bias=False, rope_theta=100.0)
+  model = layers.Stack(depth=3, block_kwargs=block, scan=scan)
+  x = jax.random.normal(jax.random.key(2), (3, 7, 16))
+  mask, positions = None, None
+  if kind != "vit":
+    padding = jnp.arange(7)[None] < jnp.array([[7], [5], [2]])
+    mask = layers.make_attention_mask(7, 7, padding=padding, causal=True)
+    positions = jnp.broadcast_to(jnp.arange(7), (3, 7)) + 3
+  index = jnp.array([[0, 6], [4, 1], [1, 1]])
+  params = {"params": init_params(model, x)}
+
+  def rows(p, asked):
+    if not asked:
+      return layers.take_rows(model.apply(p, x, mask, positions)[0], index)
+    return model.apply(p, x, mask, positions, query_index=index)[0]
+
+  full = jax.jit(rows, static_argnums=1)(params, False)
+  got = jax.jit(rows, static_argnums=1)(params, True)
+  assert got.shape == (3, 2, 16)
+  np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(lambda p, a: jnp.sum(jnp.sin(rows(p, a)))), static_argnums=1)
+  chex.assert_trees_all_close(grad(params, True), grad(params, False), rtol=1e-4, atol=1e-5)
+  remat = layers.Stack(depth=3, block_kwargs=block, scan=scan, remat="full")
+  np.testing.assert_allclose(
+      remat.apply(params, x, mask, positions, query_index=index)[0], full, rtol=1e-5, atol=1e-5)
+
+
+def test_query_index_flops_count_the_last_block_at_its_rows():
+  full = layers.stack_forward_flops(3, 10, 16, 64, num_heads=2)
+  assert layers.stack_forward_flops(3, 10, 16, 64, num_heads=2, last_queries=10) == full
+  one = layers.stack_forward_flops(3, 10, 16, 64, num_heads=2, last_queries=1)
+  block = full / 3
+  kv = 2 * 10 * 16 * 8 * 2 * 2  # keys and values still at all 10 positions
+  assert one == 2 * block + kv + (block - kv) / 10

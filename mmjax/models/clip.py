@@ -44,7 +44,8 @@ def forward_flops(cfg: CLIPConfig, batch_size: int = 1) -> float:
   d_txt = cfg.text.dims[0]
   proj = 2 * (d_img + d_txt) * cfg.embed_dim
   logits = 2 * batch_size * cfg.embed_dim
-  return vit.forward_flops(cfg.vision) + text.forward_flops(cfg.text) + proj + logits
+  return (vit.forward_flops(cfg.vision, pooled_only=True)
+          + text.forward_flops(cfg.text, pooled_only=True) + proj + logits)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -75,12 +76,12 @@ class CLIP(nn.Module):
 
   def encode_image(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> L2-normalised [B, embed_dim] in float32."""
-    pooled, _ = self.vision(images)
+    pooled, _ = self.vision(images, pooled_only=True)
     return l2_normalize(self.image_proj(pooled))
 
   def encode_text(self, ids: jax.Array, padding: jax.Array | None = None) -> jax.Array:
     """[B, T] ids -> L2-normalised [B, embed_dim] in float32."""
-    pooled, _ = self.text(ids, padding)
+    pooled, _ = self.text(ids, padding, pooled_only=True)
     return l2_normalize(self.text_proj(pooled))
 
   def __call__(self, images, ids, padding=None):

@@ -280,6 +280,12 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def take_rows(x: Array, index: Array) -> Array:
+  """x [B, T, ...] at positions index [B, Q] -> [B, Q, ...]."""
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
 class _Projection(nn.Module):
   """The kernel [D, *out_shape] (and bias) of one head-shaped projection, stored
   as DenseND stores them, for Attention to apply several in one matmul."""
@@ -310,6 +316,10 @@ class Attention(nn.Module):
   queries and keys at `positions`. Queries, keys and values are projected in
   one matmul (keys and values in one under GQA); their params stay separate
   (`query`, `key`, `value`), as checkpoints name them.
+
+  With `query_index` [B, Q] only those positions ask: queries are projected
+  there alone and the output is [B, Q, D], while keys and values come from
+  every position (a pooled model's last layer needs no other output).
   """
 
   num_heads: int
@@ -330,10 +340,13 @@ class Attention(nn.Module):
       mask: Array | None = None,
       positions: Array | None = None,
       cache: dict[str, Array] | None = None,
+      query_index: Array | None = None,
   ) -> tuple[Array, dict[str, Array] | None]:
     """x: [B, T, D]. With `cache` ({"k", "v": [B, S, K, H], "index": int32 []}),
     writes this step's keys/values at `index` and attends over the whole cache
     (the caller passes the mask for the valid cache positions)."""
+    if query_index is not None and cache is not None:
+      raise ValueError("Attention: query_index and a KV cache do not combine")
     kv_heads = self.num_kv_heads or self.num_heads
     if self.num_heads % kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
@@ -342,7 +355,10 @@ class Attention(nn.Module):
     parts = [proj((self.num_heads, self.head_dim), name="query")(d),
              proj((kv_heads, self.head_dim), name="key")(d),
              proj((kv_heads, self.head_dim), name="value")(d)]
-    if kv_heads == self.num_heads:
+    if query_index is not None:
+      (q,) = _project(take_rows(x, query_index), parts[:1], self.dtype)
+      k, v = _project(x, parts[1:], self.dtype)
+    elif kv_heads == self.num_heads:
       q, k, v = _project(x, parts, self.dtype)
     else:
       (q,), (k, v) = _project(x, parts[:1], self.dtype), _project(x, parts[1:], self.dtype)
@@ -351,7 +367,15 @@ class Attention(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       cos, sin = rope_frequencies(positions, self.head_dim, self.rope_theta)
-      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      k = apply_rope(k, cos, sin)
+      if query_index is not None:
+        cos, sin = (take_rows(c, query_index) for c in (cos, sin))
+      q = apply_rope(q, cos, sin)
+    if query_index is not None and mask is not None:
+      mask = jnp.asarray(mask)
+      if mask.shape[2] != 1:  # the mask's rows of the asking positions
+        mask = jnp.broadcast_to(mask, (x.shape[0], *mask.shape[1:]))
+        mask = jnp.take_along_axis(mask, query_index[:, None, :, None], axis=2)
 
     new_cache = None
     if cache is not None:
@@ -440,13 +464,17 @@ class Block(nn.Module):
   sow_attention: bool = False  # see Attention.sow_weights
 
   @nn.compact
-  def __call__(self, x, mask=None, positions=None, cache=None):
+  def __call__(self, x, mask=None, positions=None, cache=None, query_index=None):
+    """With `query_index` [B, Q], the output is the block's at those positions
+    only, [B, Q, D] (their queries attend over every position)."""
     h = make_norm(self.norm, self.norm_eps, self.dtype, name="norm1")(x)
     h, new_cache = Attention(
         num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
         use_bias=self.use_bias, rope_theta=self.rope_theta, dtype=self.dtype,
         attention_impl=self.attention_impl, sow_weights=self.sow_attention,
-        name="attn")(h, mask, positions, cache)
+        name="attn")(h, mask, positions, cache, query_index)
+    if query_index is not None:
+      x = take_rows(x, query_index)
     x = act_constrain(x + h)
     h = make_norm(self.norm, self.norm_eps, self.dtype, name="norm2")(x)
     h = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, dtype=self.dtype, name="mlp")(h)
@@ -474,8 +502,9 @@ class _ScanBody(nn.Module):
   collect: bool = False
 
   @nn.compact
-  def __call__(self, carry, cache, mask, positions):
-    x, new_cache = Block(**self.block_kwargs, name="block")(carry, mask, positions, cache)
+  def __call__(self, carry, cache, mask, positions, query_index=None):
+    x, new_cache = Block(**self.block_kwargs, name="block")(carry, mask, positions, cache,
+                                                           query_index)
     return x, (x if self.collect else None, new_cache)
 
 
@@ -485,6 +514,11 @@ class Stack(nn.Module):
   Returns (x, hidden, cache): `hidden` is [depth, B, T, D], every block's output
   in order, when `collect_hidden`; `cache` is the updated KV cache (stacked on
   the layer axis) when one was given.
+
+  `query_index` [B, Q] asks for the output at those positions only ([B, Q, D]).
+  An unrolled stack then runs its last block there alone, which is all that a
+  model pooled at one token needs; a scanned one runs every block on every
+  position and takes the rows at the end.
   """
 
   depth: int
@@ -494,7 +528,9 @@ class Stack(nn.Module):
   collect_hidden: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None, positions=None, cache=None):
+  def __call__(self, x, mask=None, positions=None, cache=None, query_index=None):
+    if query_index is not None and (self.collect_hidden or cache is not None):
+      raise ValueError("Stack: query_index does not combine with collect_hidden or a KV cache")
     body = _ScanBody
     if self.remat != "none":
       body = nn.remat(body, policy=remat_policy(self.remat), prevent_cse=not self.scan)
@@ -510,13 +546,16 @@ class Stack(nn.Module):
       )
       x, (hidden, new_cache) = scanned(self.block_kwargs, self.collect_hidden, name="layers")(
           x, cache, mask, positions)
+      if query_index is not None:
+        x = take_rows(x, query_index)
       return x, hidden, new_cache
 
     hidden, caches = [], []
     for i in range(self.depth):
       layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
+      last = query_index if i == self.depth - 1 else None
       x, (h, c) = body(self.block_kwargs, self.collect_hidden, name=f"layers_{i}")(
-          x, layer_cache, mask, positions)
+          x, layer_cache, mask, positions, last)
       hidden.append(h)
       caches.append(c)
     hidden = jnp.stack(hidden) if self.collect_hidden else None
@@ -527,21 +566,27 @@ class Stack(nn.Module):
 def stack_forward_flops(depth: int, seq: int, width: int, mlp_dim: int, *,
                         num_heads: int | None = None, num_kv_heads: int | None = None,
                         head_dim: int | None = None, gated: bool = False,
-                        kv_len: int | None = None) -> float:
+                        kv_len: int | None = None, last_queries: int | None = None) -> float:
   """Forward FLOPs of `depth` blocks on one sequence (2 FLOPs per multiply-add).
 
   Projections 2*S*D*(N + 2K + N)*H, the MLP 2*S*D*F per matrix (3 matrices when
   gated), scores and weighted sum 4*S*S_kv*N*H. For MHA with F = 4D this is
-  L * (24 S D^2 + 4 S^2 D), the ViT count of the reference.
+  L * (24 S D^2 + 4 S^2 D), the ViT count of the reference. With
+  `last_queries` = Q the last block runs at Q positions only (`Stack`'s
+  `query_index`): keys and values at all S, the rest at Q.
   """
   num_heads = num_heads or 1
   head_dim = head_dim or width // num_heads
   kv = num_kv_heads or num_heads
   kv_len = kv_len or seq
-  attn_proj = 2 * seq * width * head_dim * (2 * num_heads + 2 * kv)
-  scores = 4 * seq * kv_len * num_heads * head_dim
-  mlp = 2 * seq * width * mlp_dim * (3 if gated else 2)
-  return float(depth * (attn_proj + scores + mlp))
+
+  def block(q: int) -> float:
+    proj = 2 * width * head_dim * (2 * num_heads * q + 2 * kv * seq)
+    return proj + 4 * q * kv_len * num_heads * head_dim + 2 * q * width * mlp_dim * (3 if gated else 2)
+
+  if last_queries is None:
+    return float(depth * block(seq))
+  return float((depth - 1) * block(seq) + block(last_queries))
 
 
 def unstack_layers(params: dict, depth: int, key: str = "layers") -> dict:

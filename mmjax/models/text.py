@@ -62,11 +62,20 @@ class TextConfig:
     return self.mlp_dim or self.dims[0] * self.mlp_ratio
 
 
-def forward_flops(cfg: TextConfig) -> float:
-  """Forward FLOPs per text of `context_length` tokens (the embedding is a lookup)."""
+def pools_one_token(cfg: TextConfig) -> bool:
+  """Whether `TextTransformer(..., pooled_only=True)` runs the last block at the
+  pooled token alone (unrolled layers; a scanned stack runs every block whole)."""
+  return not cfg.scan
+
+
+def forward_flops(cfg: TextConfig, pooled_only: bool = False) -> float:
+  """Forward FLOPs per text of `context_length` tokens (the embedding is a
+  lookup); the last block at the pooled token alone when `pooled_only` and
+  `pools_one_token`."""
   width, depth, heads = cfg.dims
+  last = 1 if pooled_only and pools_one_token(cfg) else None
   return layers.stack_forward_flops(depth, cfg.context_length, width, cfg.hidden_dim,
-                                    num_heads=heads)
+                                    num_heads=heads, last_queries=last)
 
 
 def eos_positions(ids: jax.Array, pool: str, eos_id: int) -> jax.Array:
@@ -84,12 +93,17 @@ def eos_positions(ids: jax.Array, pool: str, eos_id: int) -> jax.Array:
 
 
 class TextTransformer(nn.Module):
-  """Returns (pooled [B, D], out) with out["tokens"] [B, T, D] after the final norm."""
+  """Returns (pooled [B, D], out) with out["tokens"] [B, T, D] after the final norm.
+
+  With `pooled_only` (and unrolled layers) the last block runs at the pooled
+  token alone: the same pooled output for less work, and no "tokens".
+  """
 
   config: TextConfig
 
   @nn.compact
-  def __call__(self, ids: jax.Array, padding: jax.Array | None = None):
+  def __call__(self, ids: jax.Array, padding: jax.Array | None = None,
+               pooled_only: bool = False):
     cfg = self.config
     width, depth, heads = cfg.dims
     dtype = jnp.dtype(cfg.dtype)
@@ -103,13 +117,17 @@ class TextTransformer(nn.Module):
         nn.initializers.normal(0.01), ("pos", "embed")), (cfg.context_length, width), jnp.float32)
     x = layers.act_constrain(tok + pos[:t].astype(dtype)[None])
     mask = layers.make_attention_mask(t, t, padding=padding, causal=True)
+    idx = eos_positions(ids, cfg.pool, cfg.eos_id)
+    one_token = pooled_only and pools_one_token(cfg)
     x, _, _ = layers.Stack(
         depth=depth,
         block_kwargs=dict(num_heads=heads, head_dim=width // heads, mlp_dim=cfg.hidden_dim,
                           act=cfg.act, norm_eps=cfg.norm_eps, dtype=dtype,
                           attention_impl=cfg.attention_impl),
-        scan=cfg.scan, remat=cfg.remat, name="encoder")(x, mask)
+        scan=cfg.scan, remat=cfg.remat, name="encoder")(
+            x, mask, query_index=idx[:, None] if one_token else None)
     x = layers.LayerNorm(cfg.norm_eps, dtype, name="final_norm")(x)
-    idx = eos_positions(ids, cfg.pool, cfg.eos_id)
+    if one_token:
+      return x[:, 0], {"eos_index": idx}
     pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
     return pooled, {"tokens": x, "eos_index": idx}

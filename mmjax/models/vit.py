@@ -133,15 +133,22 @@ class ViTConfig:
     return (self.image_size // self.size["patch_size"]) ** 2
 
 
-def forward_flops(cfg: ViTConfig) -> float:
-  """Forward FLOPs per image: the encoder plus the patch embedding."""
+def pools_one_token(cfg: ViTConfig) -> bool:
+  """Whether `ViT(..., pooled_only=True)` runs the last block at the class token alone."""
+  return cfg.pool == "cls" and cfg.num_prefix_tokens >= 1 and not cfg.scan
+
+
+def forward_flops(cfg: ViTConfig, pooled_only: bool = False) -> float:
+  """Forward FLOPs per image: the encoder plus the patch embedding (the last
+  block at the class token alone when `pooled_only` and `pools_one_token`)."""
   size = cfg.size
   n, d = cfg.num_patches, size["width"]
   seq = n + cfg.num_prefix_tokens
   embed = 2 * n * 3 * size["patch_size"] ** 2 * d
   head = 2 * d * cfg.num_classes
+  last = 1 if pooled_only and pools_one_token(cfg) else None
   return layers.stack_forward_flops(size["depth"], seq, d, size["mlp_dim"],
-                                    num_heads=size["num_heads"]) + embed + head
+                                    num_heads=size["num_heads"], last_queries=last) + embed + head
 
 
 class ConvStem(nn.Module):
@@ -175,6 +182,10 @@ class ViT(nn.Module):
   as in transformers; only with `collect_hidden`), "pre_logits" [B, D] (pooled),
   "logits" [B, classes] when the config has a head.
 
+  With `pooled_only` (and pool "cls", unrolled layers) the last block runs at
+  the class token alone, which gives the same "pre_logits" and "logits" for
+  less work; "tokens" is then absent.
+
   `keep` [B, K] (int): the encoder sees only these patches (row-major patch
   indices, after their position embeddings), as MAE's encoder does; the
   sequence is then the prefix tokens and the K kept patches.
@@ -189,7 +200,8 @@ class ViT(nn.Module):
   sow_attention: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None):
+  def __call__(self, images: jax.Array, train: bool = False, keep: jax.Array | None = None,
+               pooled_only: bool = False):
     cfg = self.config
     size = cfg.size
     dtype = jnp.dtype(cfg.dtype)
@@ -231,6 +243,8 @@ class ViT(nn.Module):
     if cfg.pre_norm:
       x = layers.LayerNorm(cfg.norm_eps, dtype, name="pre_norm")(x)
     embeddings = x
+    one_token = pooled_only and pools_one_token(cfg) and not self.collect_hidden
+    query_index = jnp.zeros((x.shape[0], 1), jnp.int32) if one_token else None
 
     x, hidden, _ = layers.Stack(
         depth=size["depth"],
@@ -239,12 +253,13 @@ class ViT(nn.Module):
                           dtype=dtype, sow_attention=self.sow_attention,
                           attention_impl=cfg.attention_impl),
         scan=cfg.scan, remat=cfg.remat, collect_hidden=self.collect_hidden,
-        name="encoder")(x)
+        name="encoder")(x, query_index=query_index)
     out = {}
     if self.collect_hidden:
       out["hidden_states"] = jnp.concatenate([embeddings[None], hidden], axis=0)
     x = layers.LayerNorm(cfg.norm_eps, dtype, name="final_norm")(x)
-    out["tokens"] = x
+    if not one_token:
+      out["tokens"] = x
 
     if cfg.pool == "cls":
       if not cfg.num_prefix_tokens:
