@@ -64,6 +64,35 @@ def test_layernorm_matches_numpy_with_eps(rng):
   np.testing.assert_allclose(ln.apply(params, x), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layernorm_gradients_match_autodiff_of_the_formula(rng, use_bias, dtype):
+  k = jax.random.split(rng, 4)
+  x = (jax.random.normal(k[0], (3, 5, 16)) * 3 + 1).astype(dtype)
+  scale = 1 + 0.3 * jax.random.normal(k[1], (16,))
+  bias = jax.random.normal(k[2], (16,)) if use_bias else None
+  w = jax.random.normal(k[3], x.shape)  # a cotangent that is not all ones
+
+  def formula(x, scale, bias):
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    y = (x - mean) / jnp.sqrt(var + 1e-5) * scale
+    return y if bias is None else y + bias
+
+  def module(x, scale, bias):
+    params = {"scale": scale} if bias is None else {"scale": scale, "bias": bias}
+    return layers.LayerNorm(eps=1e-5, use_bias=use_bias).apply({"params": params}, x)
+
+  argnums = (0, 1, 2) if use_bias else (0, 1)
+  ours = jax.grad(lambda *a: jnp.sum(w * module(*a)), argnums=argnums)(x, scale, bias)
+  theirs = jax.grad(lambda *a: jnp.sum(w * formula(*a)), argnums=argnums)(x, scale, bias)
+  assert ours[0].dtype == dtype
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=1e-4, atol=1e-4 if dtype == jnp.float32 else 2e-2)
+
+
 def test_rmsnorm_matches_numpy_and_computes_in_float32(rng):
   x = jax.random.normal(rng, (2, 4, 16))
   norm = layers.RMSNorm(eps=1e-6)

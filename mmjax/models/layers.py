@@ -89,6 +89,50 @@ def activation(name: str) -> Callable[[Array], Array]:
   return ACTIVATIONS[name]
 
 
+def _normalise(x: Array, eps: float) -> tuple[Array, Array]:
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+  return centred * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: Array, scale: Array, bias: Array | None, eps: float) -> Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis (bias may be
+  None). Everything is float32: callers cast x first, and autodiff casts back.
+
+  The backward pass is written out: with x_hat the normalised input and
+  g' = g * scale, dx = rstd (g' - mean(g') - x_hat mean(g' x_hat)). Autodiff
+  of the forward instead keeps the product with the broadcast scale as its own
+  [..., d] buffer and reduces over it twice; this form is one pass for dx and
+  one for dscale and dbias.
+  """
+  y, _ = _layer_norm_fwd(x, scale, bias, eps)
+  return y
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  x_hat, rstd = _normalise(x, eps)
+  y = x_hat * scale
+  if bias is not None:
+    y = y + bias
+  return y, (x_hat, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, res, g):
+  del eps
+  x_hat, rstd, scale, bias = res
+  batch_axes = tuple(range(g.ndim - 1))
+  g_scaled = g * scale
+  dx = rstd * (g_scaled - jnp.mean(g_scaled, axis=-1, keepdims=True)
+               - x_hat * jnp.mean(g_scaled * x_hat, axis=-1, keepdims=True))
+  dscale = jnp.sum(g * x_hat, axis=batch_axes)
+  dbias = None if bias is None else jnp.sum(g, axis=batch_axes)
+  return dx, dscale, dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm in float32 with an explicit eps (CLIP uses 1e-5; Flax defaults to 1e-6)."""
 
@@ -100,13 +144,9 @@ class LayerNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
     scale = self.param("scale", _part(nn.initializers.ones, ("norm",)), (d,), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
-    if self.use_bias:
-      y = y + self.param("bias", _part(nn.initializers.zeros, ("norm",)), (d,), jnp.float32)
-    return y.astype(self.dtype)
+    bias = (self.param("bias", _part(nn.initializers.zeros, ("norm",)), (d,), jnp.float32)
+            if self.use_bias else None)
+    return layer_norm(x.astype(jnp.float32), scale, bias, self.eps).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
