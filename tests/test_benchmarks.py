@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import attention, clip_step, compile as compile_bench, gpu, llava_step
+from benchmarks import attention, clip_step, compile as compile_bench, gpu, llava_step, matmul
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +73,17 @@ def test_attention_benchmark_tiny(tmp_path):
   assert row["max_abs_difference_from_xla"] < 1e-5
   assert row["xla_over_ours_fwd"] > 0 and row["xla_over_ours_fwd+bwd"] > 0
   assert all(ms > 0 for ms in row["median_ms"].values())
+
+
+def test_matmul_benchmark_tiny(tmp_path):
+  out = tmp_path / "matmul.json"
+  matmul.main(["--shapes=tiny", "--repeats=1", "--warmup=1", f"--out={out}"])
+  r = json.load(open(out))["shapes"]["tiny"]
+  assert len(r["products"]) == 15  # 3 per dense layer (q/k/v, out, fc1, fc2), 3 in attention
+  fc1 = next(p for p in r["products"] if p["product"] == "fc1 x W")
+  assert fc1["flops"] == 2 * (2 * 17) * 16 * 64
+  assert r["total"]["flops"] == sum(p["flops"] for p in r["products"])
+  assert all(p["xla_ms"] > 0 for p in r["products"])
+  if importlib.util.find_spec("torch") is not None:
+    assert all(p["relative_difference"] < 1e-5 for p in r["products"])
+    assert r["total"]["torch_over_xla"] > 0
