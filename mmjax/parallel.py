@@ -173,6 +173,18 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
     yield
 
 
+def logical_axis_size(name: str) -> int:
+  """How many ways the active mesh and rules split logical axis `name` (1 outside
+  `activate`, or where the rules leave it unsharded). Read at trace time."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes((name,))[0]
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+
 def _spec_fits(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
   """Drops mesh axes from dims they do not divide (those dims are replicated)."""
   fixed = []

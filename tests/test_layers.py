@@ -224,6 +224,27 @@ def test_swiglu_mlp_params():
   assert params["gate"]["kernel"].shape == (8, 24) and params["down"]["kernel"].shape == (24, 8)
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_swiglu_mlp_runs_gate_and_up_as_one_matmul_with_the_same_values(rng, use_bias):
+  mlp = layers.MLP(hidden_dim=24, act="swiglu", use_bias=use_bias)
+  x = jax.random.normal(rng, (2, 3, 8))
+  boxed = mlp.init(jax.random.key(1), x)["params"]
+  assert boxed["gate"]["kernel"].names == ("embed", "mlp")  # sharded over F as before
+  params = nn.unbox(boxed)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), params)
+
+  def formula(p, x):
+    dense = lambda name, h: h @ p[name]["kernel"] + (p[name]["bias"] if use_bias else 0)  # noqa: E731
+    return dense("down", jax.nn.silu(dense("gate", x)) * dense("up", x))
+
+  np.testing.assert_allclose(mlp.apply({"params": params}, x), formula(params, x),
+                             rtol=1e-5, atol=1e-5)
+  ours = jax.grad(lambda p, x: jnp.sum(jnp.sin(mlp.apply({"params": p}, x))), argnums=(0, 1))(
+      params, x)
+  theirs = jax.grad(lambda p, x: jnp.sum(jnp.sin(formula(p, x))), argnums=(0, 1))(params, x)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 BLOCK = dict(num_heads=2, head_dim=8, mlp_dim=32, act="quick_gelu")
 
 

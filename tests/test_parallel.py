@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import init_params, tiny_clip_config
 from mmjax import parallel
+from mmjax.models import layers
 from mmjax.models.clip import CLIP
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -122,3 +123,36 @@ def test_sharded_forward_equals_single_device(shape):
   for key in ("image_embeds", "text_embeds", "logit_scale"):
     np.testing.assert_allclose(np.asarray(sharded[key]), np.asarray(single[key]),
                                rtol=2e-5, atol=2e-5, err_msg=key)
+
+
+def test_logical_axis_size_reads_the_active_mesh_and_rules():
+  assert parallel.logical_axis_size("mlp") == 1  # no mesh
+  with parallel.activate(_mesh((2, 2, 2))):
+    assert parallel.logical_axis_size("mlp") == 2
+    assert parallel.logical_axis_size("act_batch") == 4
+    assert parallel.logical_axis_size("kv") == 1
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_swiglu_mlp_sharded_equals_single_device_without_moving_activations(shape):
+  """Gate and up run as one matmul: side by side unsharded, interleaved where
+  the tensor axis splits F, so that no activation changes shards."""
+  mlp = layers.MLP(hidden_dim=32, act="swiglu")
+  x = jax.random.normal(jax.random.key(0), (8, 5, 16))
+  boxed = mlp.init(jax.random.key(1), x)["params"]
+  params = flax.linen.unbox(boxed)
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(mlp.apply({"params": p}, x)))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  want = grad(params, x)
+  mesh = _mesh(shape)
+  placed = jax.device_put(params, parallel.shardings_for(boxed, mesh))
+  x_placed = parallel.host_to_global({"x": np.asarray(x)}, mesh)["x"]
+  with parallel.activate(mesh):
+    got = grad(placed, x_placed)
+    hlo = grad.lower(placed, x_placed).compile().as_text()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+  assert "all-to-all" not in hlo and "collective-permute" not in hlo

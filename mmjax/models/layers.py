@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import parallel
+
 Dtype = Any
 Array = jax.Array
 
@@ -328,7 +330,7 @@ def take_rows(x: Array, index: Array) -> Array:
 
 class _Projection(nn.Module):
   """The kernel [D, *out_shape] (and bias) of one head-shaped projection, stored
-  as DenseND stores them, for Attention to apply several in one matmul."""
+  as DenseND stores them, for Attention and MLP to apply several in one matmul."""
 
   out_shape: tuple[int, ...]
   names: tuple[str | None, ...]
@@ -346,6 +348,31 @@ def _project(x: Array, parts: list[tuple[Array, Array | None]], dtype: Dtype) ->
   if parts[0][1] is not None:
     y = y + jnp.stack([b for _, b in parts])[:, None, None].astype(dtype)
   return list(y)
+
+
+def _project_side_by_side(x: Array, parts: list[tuple[Array, Array | None]],
+                          dtype: Dtype, axis_name: str) -> list[Array]:
+  """x [..., D] through kernels [D, F] of equal shape as one [D, P F] matmul.
+
+  SwiGLU's gate and up projections: as two matmuls, XLA:CPU writes each
+  elementwise gradient transposed for its weight update, a slow strided
+  fusion; one matmul over the kernels side by side avoids it (1.15x on the
+  LLaVA benchmark's step). Concatenated kernels are fastest, but where the
+  active mesh shards F (`axis_name`) their halves would no longer line up with
+  the shards, so there the P outputs are interleaved along the last axis
+  instead, which keeps every column on the shard of its F index.
+  """
+  if parallel.logical_axis_size(axis_name) == 1:
+    kernel = jnp.concatenate([k for k, _ in parts], axis=-1).astype(dtype)  # [D, P F]
+    y = jnp.tensordot(x.astype(dtype), kernel, axes=1)
+    if parts[0][1] is not None:
+      y = y + jnp.concatenate([b for _, b in parts]).astype(dtype)
+    return jnp.split(y, len(parts), axis=-1)
+  kernel = jnp.stack([k for k, _ in parts], axis=-1).astype(dtype)  # [D, F, P]
+  y = jnp.einsum("...d,dfp->...fp", x.astype(dtype), kernel)
+  if parts[0][1] is not None:
+    y = y + jnp.stack([b for _, b in parts], axis=-1).astype(dtype)
+  return [y[..., i] for i in range(len(parts))]
 
 
 class Attention(nn.Module):
@@ -466,12 +493,9 @@ class MLP(nn.Module):
     init = nn.initializers.lecun_normal()
     dense = functools.partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype)
     if self.act == "swiglu":
-      gate = dense(self.hidden_dim, name="gate",
-                   kernel_init=_part(init, ("embed", "mlp")),
-                   bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
-      up = dense(self.hidden_dim, name="up",
-                 kernel_init=_part(init, ("embed", "mlp")),
-                 bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
+      proj = functools.partial(_Projection, (self.hidden_dim,), ("embed", "mlp"), self.use_bias)
+      gate, up = _project_side_by_side(x, [proj(name="gate")(d), proj(name="up")(d)],
+                                       self.dtype, "mlp")
       h = swiglu(gate, up)
     else:
       h = dense(self.hidden_dim, name="fc1",
