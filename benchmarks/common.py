@@ -37,13 +37,27 @@ def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
 def machine() -> dict[str, Any]:
   """What the numbers were measured on, with the load average at the time."""
   info = {"platform": platform.platform(), "cpus": os.cpu_count(),
-          "processor": _cpu_model(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+          "processor": _cpu_model(), "vector_isa": _vector_isa(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   import jax
   info["jax"] = jax.__version__
   info["device"] = jax.devices()[0].device_kind
   return info
+
+
+def _vector_isa() -> list[str]:
+  """The SIMD extensions that decide a CPU's matmul speed (AVX2, AVX-512, AMX),
+  from /proc/cpuinfo; empty where it cannot be read."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          return [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
+  except OSError:
+    pass
+  return []
 
 
 def _cpu_model() -> str:
