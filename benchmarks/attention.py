@@ -13,8 +13,6 @@ is for CI. Ratios are `xla / ours` (above 1: ours is faster) and `torch / ours`.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any, Callable
 
 from benchmarks import common
@@ -98,18 +96,8 @@ def run_shape(name: str, repeats: int, warmup: int) -> dict[str, Any]:
 
 
 def main(argv=None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.attention")
-  parser.add_argument("--shapes", default="vit_s16,llava_gqa", help=f"comma-separated: {list(SHAPES)}")
-  parser.add_argument("--repeats", type=int, default=9)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
-  args = parser.parse_args(argv)
-  names = [n for n in args.shapes.split(",") if n]
-  unknown = sorted(set(names) - set(SHAPES))
-  if unknown:
-    raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
-  if "jax" not in sys.modules:
-    common.configure_host()
+  names, args = common.shape_args(argv, benchmark="attention", shapes=SHAPES,
+                                  default="vit_s16,llava_gqa")
   rows = [run_shape(n, args.repeats, args.warmup) for n in names]
   print(f"\n{'shape':<11}{'part':<9}{'ours ms':>9}{'xla ms':>9}{'torch ms':>10}"
         f"{'xla/ours':>10}{'torch/ours':>12}")

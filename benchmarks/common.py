@@ -222,6 +222,25 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
   print(f"\nwrote {path}")
 
 
+def shape_args(argv, *, benchmark: str, shapes: dict, default: str) -> tuple[list[str], Any]:
+  """The command line of a benchmark over named shapes (attention, matmul):
+  --shapes, --repeats, --warmup, --out. Checks the names and configures the
+  host; returns (the chosen names, the parsed args)."""
+  parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{benchmark}")
+  parser.add_argument("--shapes", default=default, help=f"comma-separated: {list(shapes)}")
+  parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  args = parser.parse_args(argv)
+  names = [n for n in args.shapes.split(",") if n]
+  unknown = sorted(set(names) - set(shapes))
+  if unknown:
+    raise SystemExit(f"unknown shapes {unknown}; choose from {list(shapes)}")
+  if "jax" not in sys.modules:
+    configure_host()
+  return names, args
+
+
 def step_main(argv, *, benchmark: str, configs: dict, run_config: Callable, options: Callable,
               title: str, peer: str) -> dict:
   """The command line of a step benchmark (clip_step, llava_step): each chosen

@@ -16,8 +16,6 @@ return a fresh array, float32. `torch_over_xla` is torch's time over XLA's
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 from benchmarks import common
@@ -104,18 +102,8 @@ def run_shape(name: str, repeats: int, warmup: int) -> dict[str, Any]:
 
 
 def main(argv=None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.matmul")
-  parser.add_argument("--shapes", default="vit_s16", help=f"comma-separated: {list(SHAPES)}")
-  parser.add_argument("--repeats", type=int, default=9)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
-  args = parser.parse_args(argv)
-  names = [n for n in args.shapes.split(",") if n]
-  unknown = sorted(set(names) - set(SHAPES))
-  if unknown:
-    raise SystemExit(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
-  if "jax" not in sys.modules:
-    common.configure_host()
+  names, args = common.shape_args(argv, benchmark="matmul", shapes=SHAPES,
+                                  default="vit_s16")
   results = {"benchmark": "matmul", "machine": common.machine(), "repeats": args.repeats,
              "matmul_peak_flops_per_sec": common.matmul_peak(), "shapes": {}}
   for name in names:

@@ -200,7 +200,7 @@ class LLM(nn.Module):
     x = layers.act_constrain(x)
     x, _, cache = self.decoder(x, mask, positions, cache)
     x = self.norm(x)
-    h = x if logits_at is None else jnp.take_along_axis(x, logits_at[..., None], axis=1)
+    h = x if logits_at is None else layers.take_rows(x, logits_at)
     if self.config.tie_embeddings:
       logits = self.embed_tokens.attend(h)
     else:

@@ -129,5 +129,5 @@ class TextTransformer(nn.Module):
     x = layers.LayerNorm(cfg.norm_eps, dtype, name="final_norm")(x)
     if one_token:
       return x[:, 0], {"eos_index": idx}
-    pooled = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+    pooled = layers.take_rows(x, idx[:, None])[:, 0]
     return pooled, {"tokens": x, "eos_index": idx}

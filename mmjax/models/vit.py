@@ -235,7 +235,7 @@ class ViT(nn.Module):
       if cfg.stem != "linear":
         raise ValueError("ViT(keep=...) needs stem='linear': a conv stem mixes neighbouring "
                          "patches, so masked pixels would leak into the visible tokens")
-      x = jnp.take_along_axis(x, keep[..., None], axis=1)  # [B, K, D]: visible patches only
+      x = layers.take_rows(x, keep)  # [B, K, D]: visible patches only
     if cls is not None:
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype) + posemb[:prefix],
                                             (x.shape[0], prefix, width)), x], axis=1)
