@@ -182,7 +182,7 @@ def logical_axis_size(name: str) -> int:
   axes = nn.logical_to_mesh_axes((name,))[0]
   if axes is None:
     return 1
-  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+  return math.prod(mesh.shape.get(a, 1) for a in (axes if isinstance(axes, tuple) else (axes,)))
 
 
 def _spec_fits(shape: Sequence[int], spec: P, mesh: Mesh) -> P:
