@@ -37,7 +37,8 @@ def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
 def machine() -> dict[str, Any]:
   """What the numbers were measured on, with the load average at the time."""
   info = {"platform": platform.platform(), "cpus": os.cpu_count(),
-          "processor": _cpu_model(), "vector_isa": _vector_isa(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+          "processor": _cpu_model(), "vector_isa": _vector_isa(),
+          "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   import jax
