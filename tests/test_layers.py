@@ -93,6 +93,46 @@ def test_layernorm_gradients_match_autodiff_of_the_formula(rng, use_bias, dtype)
                                rtol=1e-4, atol=1e-4 if dtype == jnp.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("in_dims", [1, 2])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_contract_matches_tensordot_and_its_autodiff(rng, in_dims, dtype):
+  k = jax.random.split(rng, 3)
+  x = jax.random.normal(k[0], (2, 3, 4, 5)).astype(dtype)
+  kernel = jax.random.normal(k[1], (4, 5, 6)[2 - in_dims:]).astype(dtype)
+  out_shape = x.shape[:4 - in_dims] + kernel.shape[in_dims:]
+  w = jax.random.normal(k[2], out_shape)  # a cotangent that is not all ones
+
+  def loss(f):
+    return lambda x, kernel: jnp.sum(w * f(x, kernel).astype(jnp.float32))
+
+  ours = layers.contract(x, kernel, in_dims)
+  theirs = jnp.tensordot(x, kernel, axes=in_dims)
+  assert ours.shape == out_shape and ours.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(theirs, np.float32),
+                             rtol=tol, atol=tol)
+  g_ours = jax.grad(loss(lambda a, b: layers.contract(a, b, in_dims)), argnums=(0, 1))(x, kernel)
+  g_theirs = jax.grad(loss(lambda a, b: jnp.tensordot(a, b, axes=in_dims)), argnums=(0, 1))(
+      x, kernel)
+  for a, b in zip(g_ours, g_theirs):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol * 10)
+
+
+def test_dense_through_contract_equals_flax_dense(rng):
+  x = jax.random.normal(rng, (2, 7, 8))
+  plain = nn.Dense(16)
+  ours = nn.Dense(16, dot_general=layers.dense_dot_general)
+  params = plain.init(rng, x)
+  grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(grad(ours), grad(plain), rtol=1e-5, atol=1e-6)
+  # An explicit precision is passed on to lax.dot_general, as nn.Dense would.
+  exact = nn.Dense(16, dot_general=layers.dense_dot_general, precision="highest")
+  np.testing.assert_allclose(exact.apply(params, x), plain.apply(params, x), rtol=1e-5, atol=1e-6)
+
+
 def test_rmsnorm_matches_numpy_and_computes_in_float32(rng):
   x = jax.random.normal(rng, (2, 4, 16))
   norm = layers.RMSNorm(eps=1e-6)

@@ -87,7 +87,7 @@ class Projector(nn.Module):
   def __call__(self, x):
     dtype = jnp.dtype(self.dtype)
     dense = lambda names, name: nn.Dense(
-        self.width, dtype=dtype, name=name,
+        self.width, dtype=dtype, name=name, dot_general=layers.dense_dot_general,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
     if self.kind == "linear":

@@ -169,7 +169,7 @@ class LLM(nn.Module):
     self.norm = layers.RMSNorm(cfg.norm_eps, dtype)
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=dtype,
+          cfg.vocab_size, use_bias=False, dtype=dtype, dot_general=layers.dense_dot_general,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    ("embed", "vocab")))
 
@@ -202,7 +202,8 @@ class LLM(nn.Module):
     x = self.norm(x)
     h = x if logits_at is None else layers.take_rows(x, logits_at)
     if self.config.tie_embeddings:
-      logits = self.embed_tokens.attend(h)
+      dtype = jnp.dtype(self.config.dtype)  # h . E^T, as nn.Embed.attend, through contract
+      logits = layers.contract(h.astype(dtype), self.embed_tokens.embedding.T.astype(dtype))
     else:
       logits = self.lm_head(h)
     logits = layers.constrain(logits, ("act_batch", "act_len", "act_vocab"))

@@ -97,8 +97,9 @@ class MAEDecoder(nn.Module):
     dtype = jnp.dtype(enc.dtype)
     n, prefix, dw = enc.num_patches, enc.num_prefix_tokens, cfg.decoder_width
     b = tokens.shape[0]
-    x = nn.Dense(dw, dtype=dtype, name="embed", kernel_init=nn.with_logical_partitioning(
-        nn.initializers.xavier_uniform(), ("embed", None)))(tokens)
+    x = nn.Dense(dw, dtype=dtype, name="embed", dot_general=layers.dense_dot_general,
+                 kernel_init=nn.with_logical_partitioning(
+                     nn.initializers.xavier_uniform(), ("embed", None)))(tokens)
     mask_token = self.param("mask_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None)), (1, dw), jnp.float32)
     full = jnp.broadcast_to(mask_token.astype(dtype), (b, n, dw))
@@ -115,7 +116,8 @@ class MAEDecoder(nn.Module):
         scan=enc.scan, remat=enc.remat, name="blocks")(x)
     x = layers.LayerNorm(enc.norm_eps, dtype, name="norm")(x)
     pixels = 3 * enc.size["patch_size"] ** 2
-    return nn.Dense(pixels, dtype=dtype, name="pred")(x[:, prefix:])
+    return nn.Dense(pixels, dtype=dtype, name="pred",
+                    dot_general=layers.dense_dot_general)(x[:, prefix:])
 
 
 class MAE(nn.Module):

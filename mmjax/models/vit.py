@@ -213,7 +213,7 @@ class ViT(nn.Module):
     if cfg.stem == "conv":
       x = ConvStem(width, patch, dtype, name="stem")(images)
     elif cfg.stem == "linear":
-      x = nn.Dense(width, dtype=dtype, name="patch_embed",
+      x = nn.Dense(width, dtype=dtype, name="patch_embed", dot_general=layers.dense_dot_general,
                    kernel_init=nn.with_logical_partitioning(
                        nn.initializers.lecun_normal(), ("patch", "embed")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
