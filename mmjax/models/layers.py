@@ -396,10 +396,10 @@ class _Projection(nn.Module):
 def _project(x: Array, parts: list[tuple[Array, Array | None]], dtype: Dtype) -> list[Array]:
   """x [B, T, D] through kernels [D, N, H] of equal shape, as one matmul."""
   kernel = jnp.stack([k for k, _ in parts], axis=1).astype(dtype)  # [D, P, N, H]
-  y = jnp.moveaxis(contract(x.astype(dtype), kernel), 2, 0)  # [P, B, T, N, H]
+  y = contract(x.astype(dtype), kernel)  # [B, T, P, N, H]
   if parts[0][1] is not None:
-    y = y + jnp.stack([b for _, b in parts])[:, None, None].astype(dtype)
-  return list(y)
+    y = y + jnp.stack([b for _, b in parts]).astype(dtype)
+  return [y[:, :, i] for i in range(len(parts))]
 
 
 def _project_side_by_side(x: Array, parts: list[tuple[Array, Array | None]],
