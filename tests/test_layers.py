@@ -128,8 +128,10 @@ def test_dense_through_contract_equals_flax_dense(rng):
   grad = lambda m: jax.grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x))), argnums=(0, 1))(params, x)
   np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), rtol=1e-6, atol=1e-6)
   chex.assert_trees_all_close(grad(ours), grad(plain), rtol=1e-5, atol=1e-6)
-  # An explicit precision is passed on to lax.dot_general, as nn.Dense would.
+  assert "custom_vjp_call" in str(jax.make_jaxpr(ours.apply)(params, x))
+  # An explicit precision goes to lax.dot_general, as nn.Dense would pass it.
   exact = nn.Dense(16, dot_general=layers.dense_dot_general, precision="highest")
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(exact.apply)(params, x))
   np.testing.assert_allclose(exact.apply(params, x), plain.apply(params, x), rtol=1e-5, atol=1e-6)
 
 

@@ -253,6 +253,7 @@ def contract(x: Array, kernel: Array, in_dims: int = 1) -> Array:
   of x for the weight gradient, recomputing them in strided order: on the
   2-core CPU of BUILD.md that took 0.5 s of a 4.7 s CLIP `small` step, and
   every layer routed through here made the step 1.10x faster (LLaVA's 1.14x).
+  Like any custom_vjp function it has no forward-mode derivative (jax.jvp).
   """
   return _contract(x, kernel, in_dims)
 
