@@ -26,7 +26,8 @@ def instruct_data(a) -> ml_collections.ConfigDict:
   d.image_size = a.image_size
   d.transforms.pad_to_square = False  # square already
   d.instruct = ml_collections.ConfigDict(dict(
-      num_train=a.num_train, num_eval=a.num_eval, image_size=a.image_size, seed=0, turns=4))
+      num_train=a.num_train, num_eval=a.num_eval, image_size=a.image_size, seed=0, turns=4,
+      answers=a.answers))
   d.instruct_dir = a.data or None  # None: a cache folder named by the settings
   d.template = "vicuna_v1"
   # A short system prompt: Vicuna's 29-token one would cost a quarter of each
@@ -63,6 +64,7 @@ def model_config(a) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   a = common.parse_arg(arg, stage=2, runlocal=False, steps=0, llm="nano", num_train=6000,
                        num_eval=100, data="", clip="", lm="", stage1="", posemb=True, merge=2,
+                       answers="short",
                        **clip_shapes.TOWER)
   c = common.base_config("llava")
   c.stage = a.stage
@@ -77,7 +79,8 @@ def get_config(arg=None):
   c.eval.batch_size = 128
   c.eval.num_questions = 100000
   c.eval.num_captions = 256
-  c.eval.max_new_tokens = 8
+  # restated answers run to 13 tokens ("The orange shape is to the right of the blue circle.")
+  c.eval.max_new_tokens = 20 if a.answers == "restate" else 8
   if a.stage == 1:
     c.data.template = "plain"
     c.data.max_len = 48

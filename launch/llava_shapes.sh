@@ -9,7 +9,8 @@
 # no-ops). Environment: PYTHON (default python), CLIP_STEPS, LM_STEPS,
 # STAGE1_STEPS, STAGE2_STEPS to shorten or lengthen the stages; CLIP_WORKDIR=D
 # takes the vision tower from an existing run of experiments/clip_shapes.py
-# instead of training one in DIR/clip.
+# instead of training one in DIR/clip; ANSWERS=restate answers the questions
+# that name an object with it first (mmjax.data.instruct.scene_questions).
 set -euo pipefail
 DIR=${1:?usage: bash launch/llava_shapes.sh DIR}
 PY=${PYTHON:-python}
@@ -17,13 +18,14 @@ CLIP_STEPS=${CLIP_STEPS:-1500}
 LM_STEPS=${LM_STEPS:-200}
 STAGE1_STEPS=${STAGE1_STEPS:-200}
 STAGE2_STEPS=${STAGE2_STEPS:-600}
+ANSWERS=${ANSWERS:-short}
 cd "$(dirname "$0")/.."
 mkdir -p "$DIR"
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
 stamp "instruction data -> $DIR/data"
-$PY -m mmjax.data.instruct --out="$DIR/data"
+$PY -m mmjax.data.instruct --out="$DIR/data" --answers="$ANSWERS"
 if [[ -n "${CLIP_WORKDIR:-}" ]]; then
   CLIP="$CLIP_WORKDIR"
   [[ -d "$CLIP/checkpoints" ]] || { echo "CLIP_WORKDIR=$CLIP has no checkpoints/" >&2; exit 1; }
@@ -38,15 +40,15 @@ else
       --workdir="$CLIP" --config.eval_every="$CLIP_STEPS" --config.checkpoint_every="$CLIP_STEPS"
 fi
 stamp "LM pretraining -> $DIR/lm"
-$PY -m mmjax.train --config="experiments/lm_shapes.py:data=$DIR/data,steps=$LM_STEPS" \
+$PY -m mmjax.train --config="experiments/lm_shapes.py:data=$DIR/data,steps=$LM_STEPS,answers=$ANSWERS" \
     --workdir="$DIR/lm"
 stamp "stage 1 (projector) -> $DIR/stage1"
 $PY -m mmjax.train \
-    --config="experiments/llava_shapes.py:stage=1,data=$DIR/data,clip=$CLIP,lm=$DIR/lm,steps=$STAGE1_STEPS" \
+    --config="experiments/llava_shapes.py:stage=1,data=$DIR/data,clip=$CLIP,lm=$DIR/lm,steps=$STAGE1_STEPS,answers=$ANSWERS" \
     --workdir="$DIR/stage1"
 stamp "stage 2 (instruction tuning) -> $DIR/stage2"
 $PY -m mmjax.train \
-    --config="experiments/llava_shapes.py:stage=2,data=$DIR/data,stage1=$DIR/stage1,steps=$STAGE2_STEPS" \
+    --config="experiments/llava_shapes.py:stage=2,data=$DIR/data,stage1=$DIR/stage1,steps=$STAGE2_STEPS,answers=$ANSWERS" \
     --workdir="$DIR/stage2"
 stamp "done"
 $PY - "$DIR" "$CLIP" <<'PYEOF'

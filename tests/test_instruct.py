@@ -3,6 +3,7 @@ the rule-based generator, answer normalisation and the CLI's LLaVA JSON."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -108,7 +109,8 @@ def _scene():
 
 def test_scene_questions_are_answered_from_the_scene():
   for seed in range(6):
-    qs = {t: (q, a) for t, q, a in instruct.scene_questions(_scene(), np.random.default_rng(seed))}
+    qs = {t: (q, a) for t, q, a in instruct.scene_questions(_scene(), np.random.default_rng(seed),
+                                                            answers="short")}
     assert set(qs) == set(instruct.QUESTION_TYPES)
     assert "largest" in qs["color"][0] and qs["color"][1] == "Red."
     assert qs["shape"][1] == "Circle."
@@ -121,6 +123,34 @@ def test_scene_questions_are_answered_from_the_scene():
     assert a == ("Yes." if ("red" in q or "blue" in q) else "No.")
     q, a = qs["size"]
     assert a == ("Large." if "red shape" in q else "Small.")
+
+
+def test_restated_answers_name_their_object_before_the_answer():
+  seen = set()
+  for seed in range(12):
+    rng = np.random.default_rng(seed)
+    restated = instruct.scene_questions(_scene(), rng, answers="restate")
+    short = instruct.scene_questions(_scene(), np.random.default_rng(seed), answers="short")
+    # the same questions in the same order (one rng stream), only the answers differ
+    assert [(t, q) for t, q, _ in restated] == [(t, q) for t, q, _ in short]
+    qs = {t: (q, a) for t, q, a in restated}
+    assert qs["color"][1] == "Red." and qs["count"][1] == "Two."  # unchanged
+    q, a = qs["location"]
+    assert a == ("The red shape is in the top left." if "red shape" in q
+                 else "The blue shape is on the right.")
+    q, a = qs["relation"]
+    assert a == ("The red shape is to the left of the blue shape." if q.index("red") < q.index("blue")
+                 else "The blue shape is to the right of the red shape.")
+    q, a = qs["existence"]
+    color = next(c for c in shapes.COLOR_NAMES if re.search(rf"\b{c}\b", q))
+    assert a == f"Anything {color}: {'yes' if color in ('red', 'blue') else 'no'}."
+    assert " an orange" in q or " a orange" not in q  # the article agrees
+    seen.add(a.endswith("yes."))
+    q, a = qs["size"]
+    assert a == ("The red shape is large." if "red shape" in q else "The blue shape is small.")
+  assert seen == {True, False}
+  with pytest.raises(ValueError, match="answers must be one of"):
+    instruct.scene_questions(_scene(), np.random.default_rng(0), answers="long")
 
 
 def test_relation_answers_follow_the_geometry():
@@ -194,3 +224,24 @@ def test_cli_writes_llava_json_images_and_prompts(data, tok):
   msgs = prompts[0]["messages"]
   assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
   assert "Boxes:" in msgs[-1]["content"] and "Captions:" in msgs[-1]["content"]
+
+
+def test_cli_restated_answers_reach_every_file_and_tokenise(tmp_path):
+  out = str(tmp_path)
+  instruct.main([f"--out={out}", "--num_train=24", "--num_eval=4", "--answers=restate"])
+  assert json.load(open(os.path.join(out, "settings.json")))["answers"] == "restate"
+  tok = tokenizer_lib.load_tokenizer(os.path.join(out, "tokenizer.model"))
+  tmpl = instruct.get_template("vicuna_v1")
+  evals = json.load(open(os.path.join(out, "vqa_eval.json")))
+  by_type = {}
+  for r in evals:
+    by_type.setdefault(r["question_type"], []).append(r["answer"])
+  assert all(a.startswith("The ") and " is " in a for a in by_type["location"] + by_type["size"])
+  assert all(re.fullmatch(r"Anything \w+: (yes|no)\.", a) for a in by_type["existence"])
+  assert all(a.endswith(".") and len(a.split()) == 1 for a in by_type["color"] + by_type["count"])
+  for name in ("instruct", "grounded", "vqa_eval", "grounded_eval"):
+    for r in json.load(open(os.path.join(out, f"{name}.json"))):
+      instruct.tokenize(r["conversations"], tok, tmpl, sample_id=r["id"])  # no mismatch
+  texts = [t["value"] for name in ("instruct", "grounded")
+           for r in json.load(open(os.path.join(out, f"{name}.json"))) for t in r["conversations"]]
+  assert any(t.startswith("Anything ") for t in texts)  # the training data is restated too

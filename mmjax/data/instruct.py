@@ -176,8 +176,8 @@ _COUNT_Q = ("How many objects are there in the image?", "How many shapes are in 
 _LOCATION_Q = ("Where is {ref}?", "Where is {ref} in the image?",
                "In which part of the image is {ref}?")
 _RELATION_Q = ("Where is {a} relative to {b}?", "Where is {a} compared to {b}?")
-_EXIST_Q = ("Is there a {color} shape in the image?", "Is there anything {color} in the picture?",
-            "Does the image contain a {color} object?")
+_EXIST_Q = ("Is there {a_color} shape in the image?", "Is there anything {color} in the picture?",
+            "Does the image contain {a_color} object?")
 _SIZE_Q = ("Is {ref} small or large?", "What size is {ref}?")
 _DETAIL_Q = ("Describe the image in detail.", "What is in this image? Describe it in detail.",
              "Give a detailed description of the picture.")
@@ -212,8 +212,23 @@ def _ref(o: dict, objs: list[dict]) -> str:
   return f"the {o['name']}"
 
 
-def scene_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-  """One (type, question, answer) per applicable question type, in QUESTION_TYPES order."""
+ANSWER_STYLES = ("short", "restate")
+
+
+def scene_questions(scene: dict, rng: np.random.Generator,
+                    answers: str = "short") -> list[tuple[str, str, str]]:
+  """One (type, question, answer) per applicable question type, in QUESTION_TYPES order.
+
+  answers="short": a word or two ("In the top left.", "Yes."). "restate": the
+  questions that name an object or a colour are answered with it first ("The
+  red shape is in the top left.", "Anything red: yes."), so that the token that
+  decides the answer comes after the one it is about, copied from the
+  question: the look-up in the image is then one step, from a token of the
+  answer itself (BUILD.md, 'Why stage 2 stops near 0.55', session 14).
+  Colour, shape and count of the largest / all objects stay short either way."""
+  if answers not in ANSWER_STYLES:
+    raise ValueError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
+  restate = answers == "restate"
   objs = _scene_objects(scene)
   n = len(objs)
   pick = lambda options: options[int(rng.integers(len(options)))]
@@ -225,20 +240,26 @@ def scene_questions(scene: dict, rng: np.random.Generator) -> list[tuple[str, st
   out.append(("shape", pick(_SHAPE_Q).format(which=which), _cap(big["shape"]) + "."))
   out.append(("count", pick(_COUNT_Q), _cap(shapes.NUMBER_WORDS[n]) + "."))
   o = pick(objs)
-  out.append(("location", pick(_LOCATION_Q).format(ref=_ref(o, objs)), _cap(o["place"]) + "."))
+  ref = _ref(o, objs)
+  out.append(("location", pick(_LOCATION_Q).format(ref=ref),
+              _cap(f"{ref} is {o['place']}." if restate else f"{o['place']}.")))
   if n >= 2:
     i, j = rng.choice(n, size=2, replace=False)
     a, b = objs[int(i)], objs[int(j)]
-    out.append(("relation", pick(_RELATION_Q).format(a=_ref(a, objs), b=_ref(b, objs)),
-                _REL_ANSWER[shapes.relation(a, b)]))
+    ra, rb, rel = _ref(a, objs), _ref(b, objs), shapes.relation(a, b)
+    out.append(("relation", pick(_RELATION_Q).format(a=ra, b=rb),
+                _cap(f"{ra} is {rel} {rb}.") if restate else _REL_ANSWER[rel]))
   present = sorted({o["color"] for o in objs})
-  if rng.random() < 0.5:
-    out.append(("existence", pick(_EXIST_Q).format(color=pick(present)), "Yes."))
-  else:
-    absent = [c for c in shapes.COLOR_NAMES if c not in present]
-    out.append(("existence", pick(_EXIST_Q).format(color=pick(absent)), "No."))
+  yes = rng.random() < 0.5
+  question = pick(_EXIST_Q)
+  color = pick(present if yes else [c for c in shapes.COLOR_NAMES if c not in present])
+  answer = "yes." if yes else "no."
+  out.append(("existence", question.format(color=color, a_color=shapes.article(color)),
+              f"Anything {color}: {answer}" if restate else _cap(answer)))
   o = pick(objs)
-  out.append(("size", pick(_SIZE_Q).format(ref=_ref(o, objs)), _cap(o["size"]) + "."))
+  ref = _ref(o, objs)
+  out.append(("size", pick(_SIZE_Q).format(ref=ref),
+              _cap(f"{ref} is {o['size']}." if restate else f"{o['size']}.")))
   return out
 
 
@@ -287,9 +308,10 @@ def complex_reasoning(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
           f"{'Yes' if same else 'No'}. {_cap(listing)}.")
 
 
-def conversation(scene: dict, rng: np.random.Generator, num_turns: int) -> list[dict]:
+def conversation(scene: dict, rng: np.random.Generator, num_turns: int,
+                 answers: str = "short") -> list[dict]:
   """A multi-turn LLaVA conversation of short questions, the image in the first turn."""
-  qs = scene_questions(scene, rng)
+  qs = scene_questions(scene, rng, answers)
   order = rng.permutation(len(qs))[:num_turns]
   turns = []
   for k, i in enumerate(order):
@@ -300,14 +322,14 @@ def conversation(scene: dict, rng: np.random.Generator, num_turns: int) -> list[
 
 
 def grounded_conversation(scene: dict, rng: np.random.Generator, num_turns: int,
-                          sid: str) -> dict:
+                          sid: str, answers: str = "short") -> dict:
   """A text-only record for the LM: the scene's description (every object with
   its size, colour, shape and place) in place of the image, then a conversation
   about it: text from which the LM can learn to answer questions about a
   scene before any image is involved (the LM's `eval/grounded_accuracy`
   measures how well it does on held-out scenes)."""
   _, description = detailed_description(scene, rng)
-  turns = conversation(scene, rng, num_turns)
+  turns = conversation(scene, rng, num_turns, answers)
   turns[0] = {"from": "human", "value": turns[0]["value"].replace(IMAGE_TOKEN, description, 1)}
   return {"id": sid, "conversations": turns}
 
@@ -378,9 +400,9 @@ def context_text(captions: Sequence[str], boxes: str) -> str:
   return "Captions:\n" + "\n".join(captions) + "\n\nBoxes:\n" + boxes
 
 
-def _response_text(kind: str, scene: dict, rng) -> str:
+def _response_text(kind: str, scene: dict, rng, answers: str = "short") -> str:
   if kind == "conversation":
-    turns = conversation(scene, rng, 4)
+    turns = conversation(scene, rng, 4, answers)
     return "\n".join(("Question: " if t["from"] == "human" else "Answer: ")
                      + t["value"].replace(IMAGE_TOKEN + "\n", "") for t in turns)
   q, a = detailed_description(scene, rng) if kind == "detail" else complex_reasoning(scene, rng)
@@ -401,6 +423,7 @@ class Settings:
   held_out_fraction: float = 0.15
   conversations_per_scene: int = 1
   turns: int = 4
+  answers: str = "short"  # scene_questions' answer style: "short" or "restate"
   detail_fraction: float = 0.25
   reasoning_fraction: float = 0.4
   vocab_size: int = 1000
@@ -477,14 +500,15 @@ def _write(out: str, st: Settings) -> None:
               {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": cap}]})
         for k in range(st.conversations_per_scene):
           instruct.append({"id": f"{sid}-conv{k}", "image": image, "type": "conversation",
-                           "conversations": conversation(scene, rng, st.turns)})
+                           "conversations": conversation(scene, rng, st.turns, st.answers)})
         if rng.random() < st.detail_fraction:
           q, a = detailed_description(scene, rng)
           instruct.append({"id": f"{sid}-detail", "image": image, "type": "detail",
                            "conversations": single_turn(q, a)})
         if st.grounded:
           grounded.append(grounded_conversation(
-              scene, np.random.default_rng([st.seed, 11, i]), st.turns, f"{sid}-text"))
+              scene, np.random.default_rng([st.seed, 11, i]), st.turns, f"{sid}-text",
+              st.answers))
         if rng.random() < st.reasoning_fraction:
           q, a = complex_reasoning(scene, rng)
           instruct.append({"id": f"{sid}-reasoning", "image": image, "type": "reasoning",
@@ -497,7 +521,7 @@ def _write(out: str, st: Settings) -> None:
           ctx = context_text(ex["captions"], ex["boxes"])
           ex_ctx = context_text(example_scene[0]["captions"], example_scene[0]["boxes"])
           for kind in prompts:
-            shot = _response_text(kind, example_scene[1], np.random.default_rng(i))
+            shot = _response_text(kind, example_scene[1], np.random.default_rng(i), st.answers)
             prompts[kind].append({"id": sid, "image": image,
                                   "messages": llm_prompt(kind, ctx, ex_ctx, shot)})
       else:
@@ -505,7 +529,7 @@ def _write(out: str, st: Settings) -> None:
             {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": ex["captions"][0]}]})
         # (the generator only words the request with its rng: the text is the scene's)
         _, description = detailed_description(scene, np.random.default_rng(0))
-        for k, (qtype, q, a) in enumerate(scene_questions(scene, rng)):
+        for k, (qtype, q, a) in enumerate(scene_questions(scene, rng, st.answers)):
           vqa_eval.append({"id": f"{sid}-{qtype}", "image": image, "question_type": qtype,
                            "answer": a, "conversations": single_turn(q, a)})
           if st.grounded:
