@@ -5,9 +5,12 @@ mmjax's. The numbers themselves are not checked (a shared CPU's timings vary).""
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
-from benchmarks import attention, clip_step, compile as compile_bench, gpu, llava_step, matmul
+from benchmarks import (attention, clip_step, compile as compile_bench, gpu, llava_step,
+                        lookup_plateau, matmul)
+from mmjax.data import instruct, shapes
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +90,35 @@ def test_matmul_benchmark_tiny(tmp_path):
   if importlib.util.find_spec("torch") is not None:
     assert all(p["relative_difference"] < 1e-5 for p in r["products"])
     assert r["total"]["torch_over_xla"] > 0
+
+
+def test_lookup_plateau_oracle_colours_and_rows():
+  ex = shapes.make_example(0, "train", 3, image_size=64, single_fraction=0.0)
+  objects = json.loads(ex["scene"])["objects"]
+  got = set(lookup_plateau.patch_colors(ex["image"], 8).tolist()) - {lookup_plateau.BACKGROUND}
+  assert got <= {shapes.COLOR_NAMES.index(o["color"]) for o in objects}
+  assert shapes.COLOR_NAMES.index(objects[0]["color"]) in got  # the largest is never missed
+  blank = np.zeros((64, 64, 3), np.uint8)
+  assert (lookup_plateau.patch_colors(blank, 8) == lookup_plateau.BACKGROUND).all()
+
+
+def test_lookup_plateau_tiny_study(tmp_path):
+  data = tmp_path / "data"
+  instruct.main([f"--out={data}", "--num_train=24", "--num_eval=4"])
+  argv = [f"--out={tmp_path / 'study'}", f"--data={data}", "--num_train=24", "--num_eval=4",
+          "--steps=4", "--eval_every=2", "--batch=8", "--runs=existence_alone,mix"]
+  r = lookup_plateau.main(argv)
+  alone, mix = r["runs"]["existence_alone"], r["runs"]["mix"]
+  assert [row["step"] for row in mix] == [2, 4]
+  assert sum(mix[-1]["answers_seen"].values()) == 4 * 8
+  assert set(alone[-1]["answers_seen"]) == {"existence"}
+  assert set(alone[-1]["accuracy_by_type"]) == {"existence"}
+  assert {"color", "existence", "location"} <= set(mix[-1]["accuracy_by_type"])
+  assert all(0 <= v <= 1 for v in mix[-1]["accuracy_by_type"].values())
+  for name in ("results.json", "lookup_plateau.md", "lookup_plateau.png"):
+    assert (tmp_path / "study" / name).stat().st_size > 0
+  assert "| existence_alone | 4 | 1.00 |" in (tmp_path / "study" / "lookup_plateau.md").read_text()
+  # a second call resumes (nothing retrained), other flags are refused
+  assert lookup_plateau.main(argv)["runs"] == r["runs"]
+  with pytest.raises(SystemExit, match="other flags"):
+    lookup_plateau.main([*argv[:-1], "--runs=mix", "--lr=0.01"])
