@@ -1,6 +1,8 @@
 """The step benchmarks run end to end on their tiny configurations (one repeat):
 the JSON has its keys, and where the peer is installed its step-0 loss equals
-mmjax's. The numbers themselves are not checked (a shared CPU's timings vary)."""
+mmjax's. The numbers themselves are not checked (a shared CPU's timings vary).
+The look-up study (lookup_plateau) reads the right colours off a scene and runs,
+resumes and refuses other flags on a tiny instruction set."""
 
 import importlib.util
 import json
@@ -97,7 +99,7 @@ def test_lookup_plateau_oracle_colours_and_rows():
   objects = json.loads(ex["scene"])["objects"]
   got = set(lookup_plateau.patch_colors(ex["image"], 8).tolist()) - {lookup_plateau.BACKGROUND}
   assert got <= {shapes.COLOR_NAMES.index(o["color"]) for o in objects}
-  assert shapes.COLOR_NAMES.index(objects[0]["color"]) in got  # the largest is never missed
+  assert shapes.COLOR_NAMES.index(objects[0]["color"]) in got  # the largest object is found
   blank = np.zeros((64, 64, 3), np.uint8)
   assert (lookup_plateau.patch_colors(blank, 8) == lookup_plateau.BACKGROUND).all()
 
@@ -118,7 +120,7 @@ def test_lookup_plateau_tiny_study(tmp_path):
   for name in ("results.json", "lookup_plateau.md", "lookup_plateau.png"):
     assert (tmp_path / "study" / name).stat().st_size > 0
   assert "| existence_alone | 4 | 1.00 |" in (tmp_path / "study" / "lookup_plateau.md").read_text()
-  # a second call resumes (nothing retrained), other flags are refused
+  # a second call resumes (timings included: nothing retrained); other flags are refused
   assert lookup_plateau.main(argv)["runs"] == r["runs"]
   with pytest.raises(SystemExit, match="other flags"):
     lookup_plateau.main([*argv[:-1], "--runs=mix", "--lr=0.01"])
