@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from PIL import Image
 
+from experiments import llava_shapes
 from mmjax.data import instruct, shapes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import llm as llm_lib
@@ -46,10 +47,10 @@ RUNS = {
     "mix": (instruct.QUESTION_TYPES, {}, 3000),
     "mix_existence_x4": (instruct.QUESTION_TYPES, {"existence": 4.0}, 1500),
 }
-SYSTEM = "A chat between a user and an assistant."  # experiments/llava_shapes.py's
 MAX_TEXT = 40  # tokens of a single-turn row; the longest question and answer fit
 BACKGROUND = len(shapes.COLOR_NAMES)
-IMAGE_ID = 4  # `<image>` of the launch's sentencepiece models (experiments/llava_shapes.py)
+_LAUNCH = llava_shapes.get_config("stage=2")  # its template, system prompt and `<image>` id
+IMAGE_ID = _LAUNCH.model.image_token_id
 
 
 def patch_colors(image: np.ndarray, grid: int) -> np.ndarray:
@@ -84,7 +85,7 @@ def encode(question: str, answer: str, tok, template, num_image: int):
   is_image = np.zeros(n, bool)
   out_ids[:p], out_labels[:p] = ids[:p], labels[:p]
   out_ids[p:p + num_image], is_image[p:p + num_image] = 1, True
-  rest = slice(p + num_image, p + num_image + len(ids) - p - 1)
+  rest = slice(p + num_image, num_image + len(ids) - 1)  # the text after `<image>`
   out_ids[rest], out_labels[rest] = ids[p + 1:], labels[p + 1:]
   return out_ids, out_labels, is_image
 
@@ -111,7 +112,7 @@ def build_data(args, data_dir: str):
   """Train rows (one question of every type per train scene) and the held-out
   questions, each as arrays plus its question type and image index."""
   tok = tokenizer_lib.load_tokenizer(os.path.join(data_dir, "tokenizer.model"))
-  template = instruct.get_template("vicuna_v1", SYSTEM)
+  template = instruct.get_template(_LAUNCH.data.template, _LAUNCH.data.system_prompt)
   settings = instruct.Settings(num_train=args.num_train, num_eval=args.num_eval)
   grid = args.grid
   n_img = grid * grid
@@ -157,6 +158,7 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, steps // 4), steps)
   tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.0)
   opt_state = tx.init(params)
+  colors_dev = jnp.asarray(colors)  # every scene's patch colours, on the device once
 
   def token_terms(p, img, ids, labels, is_image):
     logits = model.apply({"params": p}, colors_dev[img], ids, is_image)[:, :-1]
@@ -179,7 +181,6 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
     logits, target, valid = token_terms(p, *batch)
     return jnp.all((logits.argmax(-1) == target) | ~valid, axis=1)
 
-  colors_dev = jnp.asarray(colors)
   rng = np.random.default_rng(args.seed)
   seen = collections.Counter()
   curve, start = [], time.time()
@@ -191,11 +192,11 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
       right = np.asarray(exact(params, *held_out[1:]))
       acc = {t[5:]: float(right[held_out[0] == t].mean()) for t in sorted(set(held_out[0]))}
       acc = {t: v for t, v in acc.items() if t in types_}
+      in_run = np.isin(held_out[0], ["eval/" + t for t in types_])
       row = {"step": s, "loss": float(loss), "seconds": round(time.time() - start, 1),
              "accuracy_by_type": {t: round(v, 4) for t, v in acc.items()},
-             "answers_seen": dict(seen)}
-      in_run = np.isin(held_out[0], ["eval/" + t for t in types_])
-      row["accuracy"] = round(float(right[in_run].mean()), 4)  # over the run's types
+             "answers_seen": dict(seen),
+             "accuracy": round(float(right[in_run].mean()), 4)}  # over the run's types
       curve.append(row)
       print(f"{name} step {s} loss {row['loss']:.3f} accuracy {row['accuracy']:.3f} "
             f"{ {t[:5]: round(v, 2) for t, v in acc.items()} } ({row['seconds']:.0f} s)",
