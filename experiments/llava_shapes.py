@@ -27,7 +27,7 @@ def instruct_data(a) -> ml_collections.ConfigDict:
   d.transforms.pad_to_square = False  # square already
   d.instruct = ml_collections.ConfigDict(dict(
       num_train=a.num_train, num_eval=a.num_eval, image_size=a.image_size, seed=0, turns=4,
-      answers=a.answers))
+      existence_turns=a.existence_turns, answers=a.answers))
   d.instruct_dir = a.data or None  # None: a cache folder named by the settings
   d.template = "vicuna_v1"
   # A short system prompt: Vicuna's 29-token one would cost a quarter of each
@@ -64,7 +64,7 @@ def model_config(a) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   a = common.parse_arg(arg, stage=2, runlocal=False, steps=0, llm="nano", num_train=6000,
                        num_eval=100, data="", clip="", lm="", stage1="", posemb=True, merge=2,
-                       answers="short",
+                       answers="short", existence_turns=2,
                        **clip_shapes.TOWER)
   c = common.base_config("llava")
   c.stage = a.stage
@@ -89,7 +89,7 @@ def get_config(arg=None):
     c.optim.warmup_steps = 20
     c.optim.frozen = ["vision/.*", "llm/.*"]
   elif a.stage == 2:
-    c.total_steps = a.steps or 600
+    c.total_steps = a.steps or 1200
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 25
     c.optim.frozen = ["vision/.*"]

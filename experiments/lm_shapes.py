@@ -10,7 +10,8 @@ from experiments import clip_shapes, common, llava_shapes
 
 def get_config(arg=None):
   a = common.parse_arg(arg, runlocal=False, steps=300, llm="nano", num_train=6000, num_eval=100,
-                       data="", image_size=clip_shapes.TOWER["image_size"], answers="short")
+                       data="", image_size=clip_shapes.TOWER["image_size"], answers="short",
+                       existence_turns=2)
   c = common.base_config("lm")
   c.total_steps = a.steps
   c.batch_size = 32

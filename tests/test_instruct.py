@@ -153,6 +153,50 @@ def test_restated_answers_name_their_object_before_the_answer():
     instruct.scene_questions(_scene(), np.random.default_rng(0), answers="long")
 
 
+def _question_types(scene) -> dict[str, str]:
+  """question -> type, over many draws of the scene's questions."""
+  return {q: t for seed in range(200)
+          for t, q, _ in instruct.scene_questions(scene, np.random.default_rng(seed))}
+
+
+def test_conversation_asks_existence_existence_turns_times_about_distinct_colours():
+  scene = _scene()
+  kinds = _question_types(scene)
+  answers = {q: a for seed in range(200)
+             for _, q, a in instruct.scene_questions(scene, np.random.default_rng(seed))}
+  yes_no = set()
+  for seed in range(40):
+    turns = instruct.conversation(scene, np.random.default_rng(seed), 4, existence_turns=2)
+    assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+    assert turns[0]["value"].startswith("<image>\n")
+    assert all("<image>" not in t["value"] for t in turns[1:])
+    asked = [t["value"].replace("<image>\n", "") for t in turns[0::2]]
+    replies = [t["value"] for t in turns[1::2]]
+    types = [kinds[q] for q in asked]
+    assert types.count("existence") == 2, asked
+    others = [t for t in types if t != "existence"]
+    assert len(set(others)) == 2  # two other, distinct types
+    colours = [next(c for c in shapes.COLOR_NAMES if re.search(rf"\b{c}\b", q))
+               for q, t in zip(asked, types) if t == "existence"]
+    assert len(set(colours)) == 2, asked
+    for q, a, t in zip(asked, replies, types):
+      if t == "existence":
+        colour = next(c for c in shapes.COLOR_NAMES if re.search(rf"\b{c}\b", q))
+        assert a == ("Yes." if colour in ("red", "blue") else "No."), q
+        yes_no.add(a)
+      else:
+        assert answers[q] == a, q
+  assert yes_no == {"Yes.", "No."}
+  # existence_turns=0: distinct types, so existence at most once
+  for seed in range(20):
+    turns = instruct.conversation(scene, np.random.default_rng(seed), 4)
+    types = [kinds[t["value"].replace("<image>\n", "")] for t in turns[0::2]]
+    assert len(set(types)) == 4
+  for bad in (5, -1):
+    with pytest.raises(ValueError, match="existence_turns must be in"):
+      instruct.conversation(scene, np.random.default_rng(0), 4, existence_turns=bad)
+
+
 def test_relation_answers_follow_the_geometry():
   scene = _scene()
   a, b = scene["objects"]
@@ -201,6 +245,13 @@ def test_cli_writes_llava_json_images_and_prompts(data, tok):
       assert {"id", "image", "conversations"} <= set(r)
       assert r["conversations"][0]["from"] == "human"
       assert os.path.exists(os.path.join(data, r["image"]))
+  settings = json.load(open(os.path.join(data, "settings.json")))
+  assert settings["existence_turns"] == instruct.Settings().existence_turns == 2
+  convs = [r for r in json.load(open(os.path.join(data, "instruct.json")))
+           if r["type"] == "conversation"]
+  share = np.mean([t["value"].endswith(("Yes.", "No.")) for r in convs
+                   for t in r["conversations"][1::2]])
+  assert share == 0.5  # two of the four answers
   grounded = json.load(open(os.path.join(data, "grounded.json")))
   assert len(grounded) == 24 and all("image" not in r for r in grounded)
   assert all(r["conversations"][0]["value"].startswith("The image shows") for r in grounded)

@@ -249,18 +249,28 @@ def scene_questions(scene: dict, rng: np.random.Generator,
     ra, rb, rel = _ref(a, objs), _ref(b, objs), shapes.relation(a, b)
     out.append(("relation", pick(_RELATION_Q).format(a=ra, b=rb),
                 _cap(f"{ra} is {rel} {rb}.") if restate else _REL_ANSWER[rel]))
-  present = sorted({o["color"] for o in objs})
-  yes = rng.random() < 0.5
-  question = pick(_EXIST_Q)
-  color = pick(present if yes else [c for c in shapes.COLOR_NAMES if c not in present])
-  answer = "yes." if yes else "no."
-  out.append(("existence", question.format(color=color, a_color=shapes.article(color)),
-              f"Anything {color}: {answer}" if restate else _cap(answer)))
+  out.append(_existence(objs, rng, answers)[1])
   o = pick(objs)
   ref = _ref(o, objs)
   out.append(("size", pick(_SIZE_Q).format(ref=ref),
               _cap(f"{ref} is {o['size']}." if restate else f"{o['size']}.")))
   return out
+
+
+def _existence(objs: list[dict], rng: np.random.Generator, answers: str,
+               avoid: Sequence[str] = ()) -> tuple[str, tuple[str, str, str]]:
+  """(colour, ("existence", question, answer)): is there anything of a colour,
+  present or absent with equal chance; not a colour in `avoid` while another
+  one is left to ask about."""
+  pick = lambda options: options[int(rng.integers(len(options)))]
+  present = sorted({o["color"] for o in objs})
+  yes = rng.random() < 0.5
+  question = pick(_EXIST_Q)
+  pool = present if yes else [c for c in shapes.COLOR_NAMES if c not in present]
+  color = pick([c for c in pool if c not in avoid] or pool)
+  answer = "yes." if yes else "no."
+  return color, ("existence", question.format(color=color, a_color=shapes.article(color)),
+                 f"Anything {color}: {answer}" if answers == "restate" else _cap(answer))
 
 
 def detailed_description(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
@@ -309,9 +319,28 @@ def complex_reasoning(scene: dict, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def conversation(scene: dict, rng: np.random.Generator, num_turns: int,
-                 answers: str = "short") -> list[dict]:
-  """A multi-turn LLaVA conversation of short questions, the image in the first turn."""
+                 answers: str = "short", existence_turns: int = 0) -> list[dict]:
+  """A multi-turn LLaVA conversation of short questions, the image in the first turn.
+
+  existence_turns=0: `num_turns` distinct question types, drawn uniformly.
+  existence_turns=k: k of the turns ask whether a colour is present (each
+  about its own colour, yes or no by its own draw), the others are distinct
+  types drawn from the rest, in a random order. Existence is the look-up that
+  stage 2 learns only when it makes ~40% of the answers (BUILD.md, 'Why stage
+  2 stops near 0.55', session 15): at 1/7 of them it stays at chance."""
   qs = scene_questions(scene, rng, answers)
+  if existence_turns:
+    if not 0 < existence_turns <= num_turns:
+      raise ValueError(f"existence_turns must be in [0, num_turns={num_turns}], "
+                       f"got {existence_turns}")
+    objs, asked, exist = _scene_objects(scene), [], []
+    for _ in range(existence_turns):  # (in place of scene_questions' one)
+      color, q = _existence(objs, rng, answers, avoid=asked)
+      asked.append(color)
+      exist.append(q)
+    others = [q for q in qs if q[0] != "existence"]
+    others = [others[int(i)] for i in rng.permutation(len(others))[:num_turns - existence_turns]]
+    qs = exist + others
   order = rng.permutation(len(qs))[:num_turns]
   turns = []
   for k, i in enumerate(order):
@@ -423,6 +452,7 @@ class Settings:
   held_out_fraction: float = 0.15
   conversations_per_scene: int = 1
   turns: int = 4
+  existence_turns: int = 2  # of each image conversation's `turns` (conversation())
   answers: str = "short"  # scene_questions' answer style: "short" or "restate"
   detail_fraction: float = 0.25
   reasoning_fraction: float = 0.4
@@ -500,7 +530,8 @@ def _write(out: str, st: Settings) -> None:
               {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": cap}]})
         for k in range(st.conversations_per_scene):
           instruct.append({"id": f"{sid}-conv{k}", "image": image, "type": "conversation",
-                           "conversations": conversation(scene, rng, st.turns, st.answers)})
+                           "conversations": conversation(scene, rng, st.turns, st.answers,
+                                                                   st.existence_turns)})
         if rng.random() < st.detail_fraction:
           q, a = detailed_description(scene, rng)
           instruct.append({"id": f"{sid}-detail", "image": image, "type": "detail",
