@@ -15,10 +15,14 @@ type, and the study counts the answers of each type that it has trained on.
 
 Runs (`--runs`): `existence_alone` (existence questions only), `mix` (all
 seven types, uniformly), `mix_existence_x4` (the same with existence questions
-drawn four times as often). Writes OUT/results.json (every evaluation of every
-run), OUT/lookup_plateau.md (when existence first reached `--threshold`:
-after how many steps and how many existence answers) and OUT/lookup_plateau.png
-(existence accuracy against steps and against existence answers seen).
+drawn four times as often), `location_alone`, `mix_existence_location_x4`
+(existence and location each drawn four times as often). `--image=after`
+writes the question before the image (`question\\n<image>`), `--position=rowcol`
+adds a row and a column one-hot to each token's colour. Writes
+OUT/results.json (every evaluation of every run), OUT/lookup_plateau.md (when
+the `--focus` type first reached `--threshold`: after how many steps and how
+many of its answers) and OUT/lookup_plateau.png (its accuracy against steps
+and against its answers seen).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ RUNS = {
     "existence_alone": (("existence",), {}, 600),
     "mix": (instruct.QUESTION_TYPES, {}, 3000),
     "mix_existence_x4": (instruct.QUESTION_TYPES, {"existence": 4.0}, 1500),
+    "location_alone": (("location",), {}, 600),
+    "mix_existence_location_x4": (instruct.QUESTION_TYPES, {"existence": 4.0, "location": 4.0},
+                                  1500),
 }
 MAX_TEXT = 40  # tokens of a single-turn row; the longest question and answer fit
 BACKGROUND = len(shapes.COLOR_NAMES)
@@ -70,10 +77,11 @@ def patch_colors(image: np.ndarray, grid: int) -> np.ndarray:
   return out
 
 
-def encode(question: str, answer: str, tok, template, num_image: int):
+def encode(question: str, answer: str, tok, template, num_image: int, image_after: bool = False):
   """(ids, labels, is_image) [MAX_TEXT - 1 + num_image]: the image tokens in
   place of `<image>` (ids 1 there: valid, never a label); 0 pads."""
-  ids, labels = instruct.tokenize(instruct.single_turn(question, answer), tok, template)
+  ids, labels = instruct.tokenize(instruct.single_turn(question, answer, image_after), tok,
+                                  template)
   if len(ids) > MAX_TEXT:
     raise ValueError(f"{question!r} + {answer!r}: {len(ids)} tokens > MAX_TEXT {MAX_TEXT}")
   where = np.flatnonzero(ids == IMAGE_ID)
@@ -91,14 +99,22 @@ def encode(question: str, answer: str, tok, template, num_image: int):
 
 
 class OracleLLaVA(nn.Module):
-  """One-hot patch colours -> Dense -> spliced into the text -> the LLM."""
+  """One-hot patch colours (and, with `rowcol`, the patch's row and column
+  one-hot) -> Dense -> spliced into the text -> the LLM."""
   cfg: llm_lib.LLMConfig
   grid: int
+  rowcol: bool = False
 
   @nn.compact
   def __call__(self, colors, ids, is_image):
-    image = nn.Dense(self.cfg.width, name="projector")(
-        jax.nn.one_hot(colors, BACKGROUND + 1))  # [B, N, D]
+    feats = jax.nn.one_hot(colors, BACKGROUND + 1)
+    if self.rowcol:
+      k = jnp.arange(self.grid * self.grid)
+      place = jnp.concatenate([jax.nn.one_hot(k // self.grid, self.grid),
+                               jax.nn.one_hot(k % self.grid, self.grid)], -1)
+      feats = jnp.concatenate([feats, jnp.broadcast_to(place, colors.shape + place.shape[-1:])],
+                              -1)
+    image = nn.Dense(self.cfg.width, name="projector")(feats)  # [B, N, D]
     llm = llm_lib.LLM(self.cfg, name="llm")
     text = llm.embed(ids)
     # the k-th image slot of a row takes image token k
@@ -116,6 +132,7 @@ def build_data(args, data_dir: str):
   settings = instruct.Settings(num_train=args.num_train, num_eval=args.num_eval)
   grid = args.grid
   n_img = grid * grid
+  after = args.image == "after"
   colors, rows = [], []
   for i in range(settings.num_train):
     ex = shapes.make_example(settings.seed, "train", i, image_size=settings.image_size,
@@ -124,7 +141,7 @@ def build_data(args, data_dir: str):
     colors.append(patch_colors(ex["image"], grid))
     rng = np.random.default_rng([settings.seed, 13, i])
     for qtype, q, a in instruct.scene_questions(json.loads(ex["scene"]), rng):
-      rows.append((qtype, len(colors) - 1, *encode(q, a, tok, template, n_img)))
+      rows.append((qtype, len(colors) - 1, *encode(q, a, tok, template, n_img, after)))
   images = {}
   for r in instruct.load_json(os.path.join(data_dir, "vqa_eval.json")):
     if r["image"] not in images:
@@ -133,7 +150,7 @@ def build_data(args, data_dir: str):
       colors.append(patch_colors(pixels, grid))
     q = r["conversations"][0]["value"].replace(instruct.IMAGE_TOKEN + "\n", "")
     rows.append(("eval/" + r["question_type"], images[r["image"]],
-                 *encode(q, r["answer"], tok, template, n_img)))
+                 *encode(q, r["answer"], tok, template, n_img, after)))
   return tok, np.stack(colors), rows
 
 
@@ -152,7 +169,7 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
   prob /= prob.sum()
   cfg = llm_lib.llm_config("nano", vocab_size=vocab_size, depth=args.depth,
                            rope_theta=args.rope_theta)
-  model = OracleLLaVA(cfg, args.grid)
+  model = OracleLLaVA(cfg, args.grid, rowcol=args.position == "rowcol")
   params = model.init(jax.random.PRNGKey(args.seed), colors[t_img[:2]], t_ids[:2],
                       t_is[:2])["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, steps // 4), steps)
@@ -204,23 +221,24 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
   return curve
 
 
-def first_reaching(curve: list[dict], threshold: float) -> dict | None:
+def first_reaching(curve: list[dict], threshold: float, focus: str = "existence") -> dict | None:
   for row in curve:
-    if row["accuracy_by_type"].get("existence", 0.0) >= threshold:
+    if row["accuracy_by_type"].get(focus, 0.0) >= threshold:
       return row
   return None
 
 
 def write_report(args, results: dict) -> None:
-  out = args.out
-  lines = [f"| run | steps | existence share | first existence >= {args.threshold} | "
-           "existence answers seen then | final accuracy by type |", "|---|---|---|---|---|---|"]
-  for name, curve in results["runs"].items():
+  out, focus = args.out, args.focus
+  lines = [f"| run | steps | {focus} share | first {focus} >= {args.threshold} | "
+           f"{focus} answers seen then | final accuracy by type |", "|---|---|---|---|---|---|"]
+  curves = {n: c for n, c in results["runs"].items() if focus in c[-1]["accuracy_by_type"]}
+  for name, curve in curves.items():
     last = curve[-1]
-    share = last["answers_seen"].get("existence", 0) / sum(last["answers_seen"].values())
-    hit = first_reaching(curve, args.threshold)
+    share = last["answers_seen"].get(focus, 0) / sum(last["answers_seen"].values())
+    hit = first_reaching(curve, args.threshold, focus)
     when = f"step {hit['step']}" if hit else "not reached"
-    seen = str(hit["answers_seen"].get("existence", 0)) if hit else "-"
+    seen = str(hit["answers_seen"].get(focus, 0)) if hit else "-"
     final = ", ".join(f"{t} {v:.2f}" for t, v in last["accuracy_by_type"].items())
     lines.append(f"| {name} | {last['step']} | {share:.2f} | {when} | {seen} | {final} |")
   with open(os.path.join(out, "lookup_plateau.md"), "w") as f:
@@ -230,20 +248,21 @@ def write_report(args, results: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  for name, curve in results["runs"].items():
-    acc = [r["accuracy_by_type"]["existence"] for r in curve]
+  for name, curve in curves.items():
+    acc = [r["accuracy_by_type"][focus] for r in curve]
     axes[0].plot([r["step"] for r in curve], acc, marker=".", label=name)
-    seen = [r["answers_seen"].get("existence", 0) for r in curve]
+    seen = [r["answers_seen"].get(focus, 0) for r in curve]
     axes[1].plot(seen, acc, marker=".", label=name)
   axes[0].set_xlabel("training steps (batch %d)" % args.batch)
-  axes[1].set_xlabel("existence answers trained on")
-  axes[0].set_ylabel("held-out existence accuracy")
+  axes[1].set_xlabel(f"{focus} answers trained on")
+  axes[0].set_ylabel(f"held-out {focus} accuracy")
   for ax in axes:
     ax.axhline(args.threshold, color="grey", lw=0.5, ls="--")
     ax.grid(alpha=0.3)
   axes[1].legend()
-  fig.suptitle(f"oracle patch colours -> nano LM (depth {args.depth}, RoPE base "
-               f"{args.rope_theta:g}): the look-up plateau")
+  fig.suptitle(f"oracle patch colours{' + row, column' if args.position == 'rowcol' else ''}"
+               f" -> nano LM (depth {args.depth}, RoPE base {args.rope_theta:g}, image "
+               f"{args.image} the question): the look-up plateau")
   fig.tight_layout()
   fig.savefig(os.path.join(out, "lookup_plateau.png"), dpi=110)
   plt.close(fig)
@@ -269,7 +288,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   add("--lr", type=float, default=1e-3,
       help="peak learning rate (warmup 50 steps or a quarter of the run, cosine decay)")
   add("--eval_every", type=int, default=100, help="steps between evaluations")
-  add("--threshold", type=float, default=0.75, help="the existence accuracy that counts as learned")
+  add("--image", choices=("before", "after"), default="before",
+      help="`<image>\\nquestion` (the launch's) or `question\\n<image>`")
+  add("--position", choices=("none", "rowcol"), default="none",
+      help="rowcol: each image token also gets its row and column (one-hot)")
+  add("--focus", choices=instruct.QUESTION_TYPES, default="existence",
+      help="the question type that the table and the plot follow")
+  add("--threshold", type=float, default=0.75, help="the --focus accuracy that counts as learned")
   add("--seed", type=int, default=0, help="init and batch order")
   args = parser.parse_args(argv)
   unknown = [n for n in args.runs.split(",") if n not in RUNS]
@@ -288,8 +313,11 @@ def main(argv=None) -> dict:
   held_out = _stack([r for r in rows if r[0].startswith("eval/")])
   path = os.path.join(args.out, "results.json")
   keys = ("data", "steps", "num_train", "num_eval", "grid", "depth", "rope_theta", "batch", "lr",
-          "seed")
-  results = {"flags": {k: getattr(args, k) for k in keys},
+          "seed", "image", "position")
+  # (the launch's layout is recorded as before: results of earlier studies compare equal)
+  flags = {k: getattr(args, k) for k in keys
+           if (k, getattr(args, k)) not in (("image", "before"), ("position", "none"))}
+  results = {"flags": flags,
              "device": jax.devices()[0].device_kind, "runs": {}}
   if os.path.exists(path):  # an interrupted study resumes: finished runs are kept
     with open(path) as f:

@@ -7,12 +7,15 @@ resumes and refuses other flags on a tiny instruction set."""
 import importlib.util
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from benchmarks import (attention, clip_step, compile as compile_bench, gpu, llava_step,
                         lookup_plateau, matmul)
 from mmjax.data import instruct, shapes
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.models import llm as llm_lib
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +127,37 @@ def test_lookup_plateau_tiny_study(tmp_path):
   assert lookup_plateau.main(argv)["runs"] == r["runs"]
   with pytest.raises(SystemExit, match="other flags"):
     lookup_plateau.main([*argv[:-1], "--runs=mix", "--lr=0.01"])
+
+
+def test_lookup_plateau_image_after_the_question_and_positions(tmp_path):
+  data = tmp_path / "data"
+  instruct.main([f"--out={data}", "--num_train=24", "--num_eval=4"])
+  tok = tokenizer_lib.load_tokenizer(str(data / "tokenizer.model"))
+  template = instruct.get_template("vicuna_v1", "A chat.")
+  q, a = "Where is the red shape?", "On the left."
+  before = lookup_plateau.encode(q, a, tok, template, 4)
+  after = lookup_plateau.encode(q, a, tok, template, 4, image_after=True)
+  for ids, labels, is_image in (before, after):
+    assert is_image.sum() == 4 and (ids[is_image] == 1).all() and (labels[is_image] < 0).all()
+    assert tok.decode([int(t) for t in labels[labels >= 0]]).strip() == a  # the same answer
+  # the question is the text after the image in one layout, before it in the other
+  def text_before_image(ids, is_image):
+    return tok.decode([int(t) for t in ids[:np.flatnonzero(is_image).min()]])
+  assert q not in text_before_image(before[0], before[2])
+  assert q in text_before_image(after[0], after[2])
+  argv = [f"--out={tmp_path / 'study'}", f"--data={data}", "--num_train=24", "--num_eval=4",
+          "--steps=2", "--eval_every=2", "--batch=8", "--runs=location_alone", "--image=after",
+          "--position=rowcol", "--focus=location"]
+  r = lookup_plateau.main(argv)
+  assert r["flags"]["image"] == "after" and r["flags"]["position"] == "rowcol"
+  assert set(r["runs"]["location_alone"][-1]["answers_seen"]) == {"location"}
+  report = (tmp_path / "study" / "lookup_plateau.md").read_text()
+  assert "location share" in report and "| location_alone | 2 | 1.00 |" in report
+  # the model reads the position: its projector takes colour + row + column one-hots
+  model = lookup_plateau.OracleLLaVA(llm_lib.llm_config("nano", vocab_size=64, depth=1), 2,
+                                     rowcol=True)
+  ids = np.ones((1, 6), np.int32)
+  is_image = np.array([[False, True, True, True, True, False]])
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32), ids, is_image)
+  assert params["params"]["projector"]["kernel"].shape[0] == lookup_plateau.BACKGROUND + 1 + 4
+

@@ -363,8 +363,11 @@ def grounded_conversation(scene: dict, rng: np.random.Generator, num_turns: int,
   return {"id": sid, "conversations": turns}
 
 
-def single_turn(question: str, answer: str | None = None) -> list[dict]:
-  turns = [{"from": "human", "value": IMAGE_TOKEN + "\n" + question}]
+def single_turn(question: str, answer: str | None = None, image_after: bool = False) -> list[dict]:
+  """[human, gpt]: `<image>\\nquestion` (LLaVA's released layout), or
+  `question\\n<image>` with `image_after` (the paper's other half)."""
+  human = question + "\n" + IMAGE_TOKEN if image_after else IMAGE_TOKEN + "\n" + question
+  turns = [{"from": "human", "value": human}]
   if answer is not None:
     turns.append({"from": "gpt", "value": answer})
   return turns
