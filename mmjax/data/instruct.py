@@ -12,7 +12,8 @@ most reported bug).
 
 Data (as in the LLaVA paper, from captions = context type 1 and boxes =
 context type 2): multi-turn conversations about colours, shapes, counts,
-positions, sizes and relations with short answers; detailed descriptions that
+positions, sizes and relations with short answers (two of every four ask
+whether a colour is present: `--existence_turns`); detailed descriptions that
 place every object from its box; complex-reasoning questions with explained
 answers. The generator here is deterministic and rule based over the symbolic
 scene; `--emit_prompts` also writes the text-only prompts (captions + boxes +
@@ -532,9 +533,9 @@ def _write(out: str, st: Settings) -> None:
           captions.append({"id": f"{sid}-cap{k}", "image": image, "conversations": [
               {"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": cap}]})
         for k in range(st.conversations_per_scene):
+          turns = conversation(scene, rng, st.turns, st.answers, st.existence_turns)
           instruct.append({"id": f"{sid}-conv{k}", "image": image, "type": "conversation",
-                           "conversations": conversation(scene, rng, st.turns, st.answers,
-                                                                   st.existence_turns)})
+                           "conversations": turns})
         if rng.random() < st.detail_fraction:
           q, a = detailed_description(scene, rng)
           instruct.append({"id": f"{sid}-detail", "image": image, "type": "detail",
