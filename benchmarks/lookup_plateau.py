@@ -135,9 +135,7 @@ def build_data(args, data_dir: str):
   after = args.image == "after"
   colors, rows = [], []
   for i in range(settings.num_train):
-    ex = shapes.make_example(settings.seed, "train", i, image_size=settings.image_size,
-                             single_fraction=settings.single_fraction,
-                             held_out_fraction=settings.held_out_fraction)
+    ex = instruct.scene_example(settings, "train", i)
     colors.append(patch_colors(ex["image"], grid))
     rng = np.random.default_rng([settings.seed, 13, i])
     for qtype, q, a in instruct.scene_questions(json.loads(ex["scene"]), rng):

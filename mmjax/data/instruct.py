@@ -187,6 +187,10 @@ _REL_ANSWER = {"to the left of": "To the left.", "to the right of": "To the righ
                "above": "Above.", "below": "Below."}
 
 
+def _pick(rng: np.random.Generator, options: Sequence):
+  return options[int(rng.integers(len(options)))]
+
+
 def _cap(s: str) -> str:
   return s[:1].upper() + s[1:]
 
@@ -232,28 +236,27 @@ def scene_questions(scene: dict, rng: np.random.Generator,
   restate = answers == "restate"
   objs = _scene_objects(scene)
   n = len(objs)
-  pick = lambda options: options[int(rng.integers(len(options)))]
   out = []
   big = objs[0]  # the largest object
   which = "shape" if n == 1 else "largest shape"
-  out.append(("color", pick(_COLOR_Q).format(which=which), _cap(big["color"]) + "."))
+  out.append(("color", _pick(rng, _COLOR_Q).format(which=which), _cap(big["color"]) + "."))
   which = "object" if n == 1 else "largest object"
-  out.append(("shape", pick(_SHAPE_Q).format(which=which), _cap(big["shape"]) + "."))
-  out.append(("count", pick(_COUNT_Q), _cap(shapes.NUMBER_WORDS[n]) + "."))
-  o = pick(objs)
+  out.append(("shape", _pick(rng, _SHAPE_Q).format(which=which), _cap(big["shape"]) + "."))
+  out.append(("count", _pick(rng, _COUNT_Q), _cap(shapes.NUMBER_WORDS[n]) + "."))
+  o = _pick(rng, objs)
   ref = _ref(o, objs)
-  out.append(("location", pick(_LOCATION_Q).format(ref=ref),
+  out.append(("location", _pick(rng, _LOCATION_Q).format(ref=ref),
               _cap(f"{ref} is {o['place']}." if restate else f"{o['place']}.")))
   if n >= 2:
     i, j = rng.choice(n, size=2, replace=False)
     a, b = objs[int(i)], objs[int(j)]
     ra, rb, rel = _ref(a, objs), _ref(b, objs), shapes.relation(a, b)
-    out.append(("relation", pick(_RELATION_Q).format(a=ra, b=rb),
+    out.append(("relation", _pick(rng, _RELATION_Q).format(a=ra, b=rb),
                 _cap(f"{ra} is {rel} {rb}.") if restate else _REL_ANSWER[rel]))
   out.append(_existence(objs, rng, answers)[1])
-  o = pick(objs)
+  o = _pick(rng, objs)
   ref = _ref(o, objs)
-  out.append(("size", pick(_SIZE_Q).format(ref=ref),
+  out.append(("size", _pick(rng, _SIZE_Q).format(ref=ref),
               _cap(f"{ref} is {o['size']}." if restate else f"{o['size']}.")))
   return out
 
@@ -263,12 +266,11 @@ def _existence(objs: list[dict], rng: np.random.Generator, answers: str,
   """(colour, ("existence", question, answer)): is there anything of a colour,
   present or absent with equal chance; not a colour in `avoid` while another
   one is left to ask about."""
-  pick = lambda options: options[int(rng.integers(len(options)))]
   present = sorted({o["color"] for o in objs})
   yes = rng.random() < 0.5
-  question = pick(_EXIST_Q)
+  question = _pick(rng, _EXIST_Q)
   pool = present if yes else [c for c in shapes.COLOR_NAMES if c not in present]
-  color = pick([c for c in pool if c not in avoid] or pool)
+  color = _pick(rng, [c for c in pool if c not in avoid] or pool)
   answer = "yes." if yes else "no."
   return color, ("existence", question.format(color=color, a_color=shapes.article(color)),
                  f"Anything {color}: {answer}" if answers == "restate" else _cap(answer))
@@ -505,7 +507,8 @@ def _done(marker: str, want: dict) -> bool:
       k: v for k, v in want.items() if k != "emit_prompts"}
 
 
-def _scene(settings: Settings, split: str, index: int) -> dict[str, Any]:
+def scene_example(settings: Settings, split: str, index: int) -> dict[str, Any]:
+  """shapes.make_example of the scene that the dataset of `settings` holds at `index`."""
   return shapes.make_example(settings.seed, split, index, image_size=settings.image_size,
                              single_fraction=settings.single_fraction,
                              held_out_fraction=settings.held_out_fraction)
@@ -522,7 +525,7 @@ def _write(out: str, st: Settings) -> None:
   for split, folder, n in (("train", "train", st.num_train), ("validation", "eval", st.num_eval)):
     os.makedirs(os.path.join(out, "images", folder), exist_ok=True)
     for i in range(n):
-      ex = _scene(st, split, i)
+      ex = scene_example(st, split, i)
       image = f"images/{folder}/{i:06d}.png"
       Image.fromarray(ex["image"]).save(os.path.join(out, image), compress_level=1)
       scene = json.loads(ex["scene"])
