@@ -18,7 +18,10 @@ seven types, uniformly), `mix_existence_x4` (the same with existence questions
 drawn four times as often), `location_alone`, `mix_existence_location_x4`
 (existence and location each drawn four times as often). `--image=after`
 writes the question before the image (`question\\n<image>`), `--position=rowcol`
-adds a row and a column one-hot to each token's colour. Writes
+adds a row and a column one-hot to each token's colour, `--projector=mlp`
+maps the one-hots through Dense-GELU-Dense and `--projector=outer` adds their
+colour x place outer product (features that bind a colour to its place),
+`--llm=num_kv_heads=4,...` overrides fields of the `nano` LM. Writes
 OUT/results.json (every evaluation of every run), OUT/lookup_plateau.md (when
 the `--focus` type first reached `--threshold`: after how many steps and how
 many of its answers) and OUT/lookup_plateau.png (its accuracy against steps
@@ -54,6 +57,7 @@ RUNS = {
     "mix_existence_location_x4": (instruct.QUESTION_TYPES, {"existence": 4.0, "location": 4.0},
                                   1500),
 }
+PROJECTORS = ("linear", "mlp", "outer")
 MAX_TEXT = 40  # tokens of a single-turn row; the longest question and answer fit
 BACKGROUND = len(shapes.COLOR_NAMES)
 _LAUNCH = llava_shapes.get_config("stage=2")  # its template, system prompt and `<image>` id
@@ -104,16 +108,25 @@ class OracleLLaVA(nn.Module):
   cfg: llm_lib.LLMConfig
   grid: int
   rowcol: bool = False
+  projector: str = "linear"  # linear | mlp | outer (PROJECTORS)
 
   @nn.compact
   def __call__(self, colors, ids, is_image):
-    feats = jax.nn.one_hot(colors, BACKGROUND + 1)
+    color = jax.nn.one_hot(colors, BACKGROUND + 1)
+    feats = color
     if self.rowcol:
       k = jnp.arange(self.grid * self.grid)
       place = jnp.concatenate([jax.nn.one_hot(k // self.grid, self.grid),
                                jax.nn.one_hot(k % self.grid, self.grid)], -1)
-      feats = jnp.concatenate([feats, jnp.broadcast_to(place, colors.shape + place.shape[-1:])],
-                              -1)
+      place = jnp.broadcast_to(place, colors.shape + place.shape[-1:])
+      feats = jnp.concatenate([color, place], -1)
+      if self.projector == "outer":  # one feature per (colour, row) and (colour, column)
+        outer = color[..., :, None] * place[..., None, :]
+        feats = jnp.concatenate([feats, outer.reshape(colors.shape + (-1,))], -1)
+    elif self.projector == "outer":
+      raise ValueError("projector 'outer' binds colours to places: it needs position 'rowcol'")
+    if self.projector == "mlp":
+      feats = nn.gelu(nn.Dense(self.cfg.width, name="projector_hidden")(feats), approximate=False)
     image = nn.Dense(self.cfg.width, name="projector")(feats)  # [B, N, D]
     llm = llm_lib.LLM(self.cfg, name="llm")
     text = llm.embed(ids)
@@ -165,9 +178,9 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
   t_types, t_img, t_ids, t_lab, t_is = (x[keep] for x in train)
   prob = np.array([weights.get(t, 1.0) for t in t_types])
   prob /= prob.sum()
-  cfg = llm_lib.llm_config("nano", vocab_size=vocab_size, depth=args.depth,
-                           rope_theta=args.rope_theta)
-  model = OracleLLaVA(cfg, args.grid, rowcol=args.position == "rowcol")
+  cfg = llm_lib.llm_config("nano", **{**llm_overrides(args.llm), "vocab_size": vocab_size,
+                                      "depth": args.depth, "rope_theta": args.rope_theta})
+  model = OracleLLaVA(cfg, args.grid, rowcol=args.position == "rowcol", projector=args.projector)
   params = model.init(jax.random.PRNGKey(args.seed), colors[t_img[:2]], t_ids[:2],
                       t_is[:2])["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, steps // 4), steps)
@@ -219,6 +232,32 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
   return curve
 
 
+def _literal(text: str):
+  """ "8" -> 8, "1e5" -> 100000.0, "true" -> True, anything else stays text."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def llm_overrides(text: str) -> dict:
+  """ "num_heads=8,num_kv_heads=8" -> {"num_heads": 8, "num_kv_heads": 8}."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or not value:
+      raise ValueError(f"--llm: {item!r} is not key=value")
+    if key in ("vocab_size", "depth", "rope_theta"):
+      raise ValueError(f"--llm: set {key} with its own flag (or the data), not --llm")
+    out[key] = _literal(value)
+  llm_lib.llm_config("nano", **out)  # unknown keys raise here, naming the known ones
+  return out
+
+
 def first_reaching(curve: list[dict], threshold: float, focus: str = "existence") -> dict | None:
   for row in curve:
     if row["accuracy_by_type"].get(focus, 0.0) >= threshold:
@@ -258,9 +297,11 @@ def write_report(args, results: dict) -> None:
     ax.axhline(args.threshold, color="grey", lw=0.5, ls="--")
     ax.grid(alpha=0.3)
   axes[1].legend()
+  extra = "".join(f", {k}" for k in filter(None, args.llm.split(",")))
   fig.suptitle(f"oracle patch colours{' + row, column' if args.position == 'rowcol' else ''}"
-               f" -> nano LM (depth {args.depth}, RoPE base {args.rope_theta:g}, image "
-               f"{args.image} the question): the look-up plateau")
+               f" -> {args.projector} projector -> nano LM (depth {args.depth}, RoPE base "
+               f"{args.rope_theta:g}{extra}, image {args.image} the question): the look-up "
+               "plateau")
   fig.tight_layout()
   fig.savefig(os.path.join(out, "lookup_plateau.png"), dpi=110)
   plt.close(fig)
@@ -290,6 +331,11 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="`<image>\\nquestion` (the launch's) or `question\\n<image>`")
   add("--position", choices=("none", "rowcol"), default="none",
       help="rowcol: each image token also gets its row and column (one-hot)")
+  add("--projector", choices=PROJECTORS, default="linear",
+      help="the oracle's projector: linear, mlp (Dense-GELU-Dense) or outer (linear, plus the "
+           "colour x row and colour x column products; needs --position=rowcol)")
+  add("--llm", default="", help="overrides of the nano LM, e.g. num_kv_heads=4 or "
+                                "width=256,num_heads=8,num_kv_heads=4,mlp_dim=768")
   add("--focus", choices=instruct.QUESTION_TYPES, default="existence",
       help="the question type that the table and the plot follow")
   add("--threshold", type=float, default=0.75, help="the --focus accuracy that counts as learned")
@@ -298,6 +344,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = [n for n in args.runs.split(",") if n not in RUNS]
   if unknown:
     parser.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
+  if args.projector == "outer" and args.position != "rowcol":
+    parser.error("--projector=outer needs --position=rowcol (it binds colours to places)")
+  try:
+    llm_overrides(args.llm)
+  except ValueError as e:
+    parser.error(str(e))
   return args
 
 
@@ -311,10 +363,10 @@ def main(argv=None) -> dict:
   held_out = _stack([r for r in rows if r[0].startswith("eval/")])
   path = os.path.join(args.out, "results.json")
   keys = ("data", "steps", "num_train", "num_eval", "grid", "depth", "rope_theta", "batch", "lr",
-          "seed", "image", "position")
-  # (the launch's layout is recorded as before: results of earlier studies compare equal)
-  flags = {k: getattr(args, k) for k in keys
-           if (k, getattr(args, k)) not in (("image", "before"), ("position", "none"))}
+          "seed", "image", "position", "projector", "llm")
+  # (defaults added later are left out: results of earlier studies compare equal)
+  defaults = (("image", "before"), ("position", "none"), ("projector", "linear"), ("llm", ""))
+  flags = {k: getattr(args, k) for k in keys if (k, getattr(args, k)) not in defaults}
   results = {"flags": flags,
              "device": jax.devices()[0].device_kind, "runs": {}}
   if os.path.exists(path):  # an interrupted study resumes: finished runs are kept

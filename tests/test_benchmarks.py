@@ -161,3 +161,41 @@ def test_lookup_plateau_image_after_the_question_and_positions(tmp_path):
   params = model.init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32), ids, is_image)
   assert params["params"]["projector"]["kernel"].shape[0] == lookup_plateau.BACKGROUND + 1 + 4
 
+
+
+def test_lookup_plateau_projectors_and_llm_overrides(tmp_path):
+  cfg = llm_lib.llm_config("nano", vocab_size=64, depth=1)
+  ids = np.ones((1, 6), np.int32)
+  is_image = np.array([[False, True, True, True, True, False]])
+  colors = np.array([[0, 1, 1, lookup_plateau.BACKGROUND]], np.int32)
+  def kernels(projector, rowcol=True):
+    model = lookup_plateau.OracleLLaVA(cfg, 2, rowcol=rowcol, projector=projector)
+    p = model.init(jax.random.PRNGKey(0), colors, ids, is_image)["params"]
+    return {k: v["kernel"].shape for k, v in p.items() if k.startswith("projector")}
+  one_hots = lookup_plateau.BACKGROUND + 1 + 4  # colour, then row and column of a 2 x 2 grid
+  assert kernels("linear") == {"projector": (one_hots, cfg.width)}
+  # outer: one more input per (colour, row) and (colour, column) pair
+  assert kernels("outer") == {"projector": (one_hots + (lookup_plateau.BACKGROUND + 1) * 4,
+                                            cfg.width)}
+  assert kernels("mlp") == {"projector_hidden": (one_hots, cfg.width),
+                            "projector": (cfg.width, cfg.width)}
+  with pytest.raises(ValueError, match="rowcol"):
+    kernels("outer", rowcol=False)
+  assert lookup_plateau.llm_overrides("num_heads=8,num_kv_heads=8") == {"num_heads": 8,
+                                                                        "num_kv_heads": 8}
+  assert lookup_plateau.llm_overrides("norm_eps=1e-5,tie_embeddings=true") == {
+      "norm_eps": 1e-5, "tie_embeddings": True}
+  for bad, match in (("heads=8", "unknown LLMConfig keys"), ("num_heads", "key=value"),
+                     ("depth=3", "own flag")):
+    with pytest.raises(ValueError, match=match):
+      lookup_plateau.llm_overrides(bad)
+  with pytest.raises(SystemExit):
+    lookup_plateau.parse_args(["--out=x", "--projector=outer"])  # without --position=rowcol
+  data = tmp_path / "data"
+  instruct.main([f"--out={data}", "--num_train=24", "--num_eval=4"])
+  argv = [f"--out={tmp_path / 'study'}", f"--data={data}", "--num_train=24", "--num_eval=4",
+          "--steps=2", "--eval_every=2", "--batch=8", "--runs=location_alone", "--focus=location",
+          "--position=rowcol", "--projector=outer", "--llm=num_kv_heads=4"]
+  r = lookup_plateau.main(argv)
+  assert r["flags"]["projector"] == "outer" and r["flags"]["llm"] == "num_kv_heads=4"
+  assert len(r["runs"]["location_alone"]) == 1
