@@ -49,7 +49,7 @@ LLM_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
     "nano": dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384),
     "micro": dict(width=256, depth=4, num_heads=8, num_kv_heads=4, mlp_dim=768),
-    # micro's width at half its depth (1.3-1.9x nano's time per LLaVA step on
+    # micro's width at half its depth (1.3-2x nano's time per LLaVA step on
     # a CPU): the oracle look-up study learns two look-ups at once with it,
     # nano neither (BUILD.md, 'Why stage 2 stops near 0.55', session 17).
     "wide": dict(width=256, depth=2, num_heads=8, num_kv_heads=4, mlp_dim=768),
