@@ -162,7 +162,6 @@ def test_lookup_plateau_image_after_the_question_and_positions(tmp_path):
   assert params["params"]["projector"]["kernel"].shape[0] == lookup_plateau.BACKGROUND + 1 + 4
 
 
-
 def test_lookup_plateau_projectors_and_llm_overrides(tmp_path):
   cfg = llm_lib.llm_config("nano", vocab_size=64, depth=1)
   ids = np.ones((1, 6), np.int32)
