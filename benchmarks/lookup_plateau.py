@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from experiments import llava_shapes
+from experiments import common, llava_shapes
 from mmjax.data import instruct, shapes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import llm as llm_lib
@@ -232,30 +233,17 @@ def train_run(args, name: str, colors, train, held_out, vocab_size: int) -> list
   return curve
 
 
-def _literal(text: str):
-  """ "8" -> 8, "1e5" -> 100000.0, "true" -> True, anything else stays text."""
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
 def llm_overrides(text: str) -> dict:
-  """ "num_heads=8,num_kv_heads=8" -> {"num_heads": 8, "num_kv_heads": 8}."""
-  out = {}
-  for item in filter(None, text.split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or not value:
-      raise ValueError(f"--llm: {item!r} is not key=value")
-    if key in ("vocab_size", "depth", "rope_theta"):
+  """ "num_heads=8,num_kv_heads=8" -> {"num_heads": 8, "num_kv_heads": 8}: fields of
+  the nano LLMConfig, each typed like nano's value (experiments.common.parse_arg)."""
+  own_flags = ("vocab_size", "depth", "rope_theta")
+  for key in (item.partition("=")[0] for item in text.split(",")):
+    if key in own_flags:
       raise ValueError(f"--llm: set {key} with its own flag (or the data), not --llm")
-    out[key] = _literal(value)
-  llm_lib.llm_config("nano", **out)  # unknown keys raise here, naming the known ones
-  return out
+  nano = {k: v for k, v in dataclasses.asdict(llm_lib.llm_config("nano")).items()
+          if k not in own_flags}
+  given = common.parse_arg(text, **nano)
+  return {k: v for k, v in given.items() if v != nano[k]}
 
 
 def first_reaching(curve: list[dict], threshold: float, focus: str = "existence") -> dict | None:

@@ -184,7 +184,7 @@ def test_lookup_plateau_projectors_and_llm_overrides(tmp_path):
                                                                         "num_kv_heads": 8}
   assert lookup_plateau.llm_overrides("norm_eps=1e-5,tie_embeddings=true") == {
       "norm_eps": 1e-5, "tie_embeddings": True}
-  for bad, match in (("heads=8", "unknown LLMConfig keys"), ("num_heads", "key=value"),
+  for bad, match in (("heads=8", "unknown config argument 'heads'"), ("num_heads", "key=value"),
                      ("depth=3", "own flag")):
     with pytest.raises(ValueError, match=match):
       lookup_plateau.llm_overrides(bad)
