@@ -38,6 +38,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.batch_size = 256  # global
   c.log_every = 50
   c.eval_every = 500
+  c.eval_at_start = False  # also evaluate the starting params, logged as step 0
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.async_checkpoints = True

@@ -88,6 +88,7 @@ def get_config(arg=None):
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 20
     c.optim.frozen = ["vision/.*", "llm/.*"]
+    c.eval_at_start = True  # the caption loss with the untrained projector, at step 0
   elif a.stage == 2:
     c.total_steps = a.steps or 1200
     c.optim.lr = 1e-3

@@ -4,15 +4,26 @@
 #
 #   launch/multiprocess_local.sh N D [train flags...]
 #   launch/multiprocess_local.sh 2 4 --config=experiments/clip_shapes.py:runlocal=true \
-#       --workdir=runs/mp --config.mesh.preset=fsdp --config.data_shards=8
+#       --workdir=runs/mp --config.mesh.data=2 --config.mesh.fsdp=4
 #
 # Every process runs `python -m ${MMJAX_MODULE:-mmjax.train} [flags]` with
 # MMJAX_COORDINATOR / MMJAX_NUM_PROCESSES / MMJAX_PROCESS_ID set, which
 # mmjax.distributed hands to jax.distributed.initialize. Process 0 prints to this
 # terminal; every process logs to $MMJAX_LOG_DIR/process_I.log (default: a new
-# temporary folder, printed). When one process fails the others are stopped (a
-# missing peer would otherwise wait for JAX's timeout), and the exit status is
-# the first failure's. MMJAX_PORT picks the coordinator port (default: a free one).
+# temporary folder, printed). MMJAX_PORT picks the coordinator port (default: a
+# free one).
+#
+# A run given by --config reads its data as N*D shards (--config.data_shards)
+# unless the flags say otherwise, so that its batches are those of every run on
+# N*D devices, whatever the process count (1 x 8 = 2 x 4), and either resumes
+# the other's checkpoint.
+#
+# When one process fails the others get SIGTERM, and SIGKILL
+# MMJAX_STOP_GRACE seconds later (default 30); the exit status is the first
+# failure's. A process that loses a peer without this launcher (a pod, a
+# cluster) exits by itself once JAX's coordination service misses the peer's
+# heartbeats for MMJAX_HEARTBEAT_TIMEOUT seconds (default here 30; JAX's 100
+# elsewhere), naming the peer.
 set -euo pipefail
 if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ || ! "$2" =~ ^[0-9]+$ ]]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS [train flags...]" >&2
@@ -27,9 +38,23 @@ logs=${MMJAX_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/mmjax-mp.XXXXXX")}
 mkdir -p "$logs"
 echo "multiprocess_local: $num processes x $devices CPU devices, coordinator 127.0.0.1:$port, logs in $logs" >&2
 
+args=("$@")
+if printf '%s\n' "${args[@]}" | grep -q -- '^--config=' &&
+   ! printf '%s\n' "${args[@]}" | grep -q -- '^--config\.data_shards='; then
+  args+=("--config.data_shards=$((num * devices))")
+fi
+export MMJAX_HEARTBEAT_TIMEOUT=${MMJAX_HEARTBEAT_TIMEOUT:-30}
+grace=${MMJAX_STOP_GRACE:-30}
+
 pids=()
+killer=
 stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  if [[ -z "$killer" ]]; then
+    # A process blocked in a collective with a dead peer may not act on SIGTERM.
+    (sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done) &
+    killer=$!
+  fi
 }
 trap 'stop_all; exit 143' TERM INT
 
@@ -40,9 +65,9 @@ for ((i = 0; i < num; i++)); do
     export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
     export XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
     if [[ $i -eq 0 ]]; then
-      exec "$PYTHON" -m "${MMJAX_MODULE:-mmjax.train}" "$@" > >(tee "$log") 2>&1
+      exec "$PYTHON" -m "${MMJAX_MODULE:-mmjax.train}" "${args[@]}" > >(tee "$log") 2>&1
     else
-      exec "$PYTHON" -m "${MMJAX_MODULE:-mmjax.train}" "$@" > "$log" 2>&1
+      exec "$PYTHON" -m "${MMJAX_MODULE:-mmjax.train}" "${args[@]}" > "$log" 2>&1
     fi
   ) &
   pids+=($!)
@@ -57,9 +82,11 @@ while [[ ${#running[@]} -gt 0 ]]; do
   running=("${still[@]}")
   if [[ $rc -ne 0 && $status -eq 0 ]]; then
     status=$rc
+    how="status $rc"
+    if [[ $rc -gt 128 ]]; then how="status $rc (killed by SIG$(kill -l $((rc - 128))))"; fi
     for ((i = 0; i < num; i++)); do
       if [[ "${pids[$i]}" == "$done_pid" ]]; then
-        echo "multiprocess_local: process $i exited with status $rc; stopping the others." \
+        echo "multiprocess_local: process $i exited with $how; stopping the others." \
           "The end of $logs/process_$i.log:" >&2
         tail -n 30 "$logs/process_$i.log" >&2
       fi
@@ -67,4 +94,5 @@ while [[ ${#running[@]} -gt 0 ]]; do
     stop_all
   fi
 done
+if [[ -n "$killer" ]]; then kill "$killer" 2>/dev/null || true; fi
 exit $status

@@ -4,7 +4,9 @@
 #
 #   launch/tpu_pod.sh setup   # clone or update the repo on every worker, install '.[tpu]'
 #   launch/tpu_pod.sh train --config=experiments/clip_vit_l14.py:data=coco_captions \
-#       --workdir=gs://BUCKET/clip_l14 --config.mesh.preset=fsdp
+#       --workdir=gs://BUCKET/clip_l14 --config.mesh.preset=fsdp --config.data_shards=64
+#   (--config.data_shards=64: the same batches on every process count that divides
+#   64, so a run resumed on another number of hosts keeps its data order)
 #   launch/tpu_pod.sh logs    # every worker's log into ./logs/TPU_NAME/
 #   launch/tpu_pod.sh stop    # SIGTERM to the training processes: they save, then exit
 #

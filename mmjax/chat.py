@@ -64,7 +64,8 @@ def reply(workdir: str, image_path: str, conversation: list[dict], **kwargs) -> 
   image = transforms.preprocess_image(image_path, cfg.image_size, cfg.transforms.normalize,
                                       pad_square=bool(cfg.transforms.pad_to_square))
   with parallel.activate(mesh, rules):
-    return task.answer(params, np.asarray(image)[None], [conversation], **kwargs)[0].strip()
+    return task.answer(params, np.asarray(image)[None], [conversation], mesh=mesh,
+                       **kwargs)[0].strip()
 
 
 def answer_once(workdir: str, image_path: str, question: str, **kwargs) -> str:

@@ -3,11 +3,16 @@ the train state, restore onto whatever mesh the current config builds."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mmjax.treeutil import flat_shapes
 
@@ -16,11 +21,40 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint's tree does not fit the model of the current config."""
 
 
+class CheckpointSaveError(OSError):
+  """A save did not complete (disk full, storage gone); earlier steps are intact."""
+
+
+# What a finished save leaves in a step folder; a folder missing any is torn.
+_COMPLETE = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
+
+
+def torn_reason(step_dir: str) -> str | None:
+  """Why the step folder is not a complete checkpoint, or None if it is."""
+  missing = [f for f in _COMPLETE if not os.path.isfile(os.path.join(step_dir, f))]
+  if missing:
+    return f"missing {missing}"
+  for name in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+    try:
+      with open(os.path.join(step_dir, name)) as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      return f"unreadable {name} ({e})"
+  return None
+
+
 class Checkpointer:
-  """`save` is asynchronous; `wait` blocks until the last save is on disk."""
+  """`save` is asynchronous; `wait` blocks until the last save is on disk.
+
+  On opening, step folders that are not complete checkpoints (a save killed
+  midway, a copy cut short) are moved to `<directory>.torn/` with a warning
+  naming them: they are never loaded, and their step can be saved again.
+  """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._saving: int | None = None  # the step of the save in flight
+    self._set_aside_torn()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
@@ -28,14 +62,66 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
 
+  def _set_aside_torn(self) -> None:
+    """Every process looks; process 0 moves the torn folders; all wait for it."""
+    if not os.path.isdir(self.directory):
+      return
+    torn = []
+    for name in sorted(os.listdir(self.directory)):
+      path = os.path.join(self.directory, name)
+      if not os.path.isdir(path):
+        continue
+      if re.fullmatch(r"\d+", name):
+        reason = torn_reason(path)
+      elif re.fullmatch(r"\d+\.orbax-checkpoint-tmp.*", name):
+        reason = "a save that did not finish"
+      else:
+        continue
+      if reason:
+        torn.append((name, reason))
+    for name, reason in torn:
+      logging.warning("checkpoint %s is incomplete (%s): not loaded, moved to %s.torn/",
+                      os.path.join(self.directory, name), reason, self.directory)
+    if torn:
+      self._move_aside([name for name, _ in torn])
+
+  def _move_aside(self, names: list[str]) -> None:
+    """Process 0 moves the step folders to <directory>.torn/; every process waits."""
+    if jax.process_index() == 0:
+      aside = self.directory + ".torn"
+      os.makedirs(aside, exist_ok=True)
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for name in names:
+        os.rename(os.path.join(self.directory, name), os.path.join(aside, f"{name}.{stamp}"))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mmjax.checkpoint: torn folders set aside")
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: Any = None, force: bool = False) -> bool:
+    """Starts saving `step` (asynchronously), after the previous save has
+    finished. Raises CheckpointSaveError when either cannot be written."""
     args = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
       args["data"] = ocp.args.JsonSave(data_state)
-    return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    try:
+      self.wait()  # a failure of the previous save is reported as that step's
+      self._saving = int(step)
+      return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    except CheckpointSaveError:
+      raise
+    except Exception as e:
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int, error: Exception) -> CheckpointSaveError:
+    steps = [s for s in self.manager.all_steps() if s != int(step)]
+    kept = (f"step {max(steps)} is the newest complete checkpoint" if steps
+            else "there is no earlier checkpoint")
+    return CheckpointSaveError(
+        f"saving checkpoint step {step} to {self.directory} failed "
+        f"({type(error).__name__}: {error}); {kept}. Free space on that disk (or point "
+        f"--workdir elsewhere) and run the same command again to resume")
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, Any]:
     """Restores onto `target`: a tree of jax.ShapeDtypeStruct with shardings (or
@@ -52,6 +138,24 @@ class Checkpointer:
       args["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"], restored["data"] if has_data else None
+
+  def restore_newest(self, target: Any) -> tuple[int | None, Any, Any]:
+    """(step, state, data_state) of the newest checkpoint that restores, or
+    (None, None, None) when there is none. A step that fails to read (a
+    damaged file) is set aside with a warning and the one before it is tried;
+    a checkpoint of another model is an error."""
+    while (step := self.latest_step()) is not None:
+      try:
+        return (step, *self.restore(target, step))
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any unreadable file of that step
+        path = os.path.join(self.directory, str(step))
+        logging.warning("checkpoint %s cannot be read (%s: %s): not loaded, moved to %s.torn/",
+                        path, type(e).__name__, str(e)[:300], self.directory)
+        self._move_aside([str(step)])
+        self.manager.reload()
+    return None, None, None
 
   def _check_compatible(self, target: Any, step: int) -> None:
     meta = self.manager.item_metadata(step)["state"]
@@ -74,11 +178,16 @@ class Checkpointer:
           + "; ".join(lines))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self._saving, e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _abstract(x):

@@ -224,8 +224,10 @@ def test_stages_run_and_log_their_metrics(runs):
   assert {"eval/loss", "eval/perplexity", "eval/grounded_accuracy",
           "eval/grounded_accuracy/existence"} <= set(runs["lm"])
   s1 = runs["stage1"]
-  assert {"eval/caption_loss", "eval/caption_loss_no_image",
-          "eval/caption_loss_untrained_projector"} <= set(s1)
+  assert {"eval/caption_loss", "eval/caption_loss_no_image"} <= set(s1)
+  # eval_at_start: the untrained projector's numbers at step 0, no train metrics.
+  first = json.loads(open(runs["root"] / "stage1" / "metrics.jsonl").readline())
+  assert first["step"] == 0 and "eval/caption_loss" in first and "train/loss" not in first
   s2 = runs["stage2"]
   assert "eval/vqa_accuracy" in s2 and "eval/vqa_accuracy/color" in s2
   for stage in ("lm", "stage1", "stage2"):
@@ -320,4 +322,6 @@ def test_stage1_learns_to_use_the_image(runs):
   config.total_steps = config.eval_every = config.checkpoint_every = 150
   config.batch_size, config.log_every, config.optim.lr = 16, 50, 3e-3
   last = loop.train(config, str(root / "stage1_long"))
-  assert last["eval/caption_loss"] < last["eval/caption_loss_untrained_projector"] - 0.2
+  untrained = json.loads(open(root / "stage1_long" / "metrics.jsonl").readline())
+  assert untrained["step"] == 0
+  assert last["eval/caption_loss"] < untrained["eval/caption_loss"] - 0.2

@@ -1,6 +1,7 @@
-"""Several JAX processes on this machine (launch/multiprocess_local.sh): the same
-run on 2 processes x 4 CPU devices and on 1 process x 8 devices gives the same
-losses, and the 2-process checkpoint restores in one process."""
+"""Several JAX processes on this machine (launch/multiprocess_local.sh): every
+Task on every mesh trains, evaluates and checkpoints on 2 processes x 4 CPU
+devices as on 1 process x 8 devices, and the 2-process workdirs restore in one
+process (tests/multihost_cases.py holds the cases)."""
 
 import json
 import os
@@ -13,38 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import clip_shapes
-from mmjax.train import loop
+import multihost_cases
+from mmjax.train import loop, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny CLIP, FSDP over all 8 devices, read as 8 data shards so that the global
-# batch is the same for 1 and 2 processes (loop.train_data).
-OVERRIDES = {
-    "model.vision.variant": "tiny/8", "model.text.size": "tiny", "model.embed_dim": 16,
-    "batch_size": 16, "data.builder_kwargs.num_train": 160,
-    "data.builder_kwargs.num_validation": 40, "data.builder_kwargs.num_test": 40,
-    "log_every": 1, "checkpoint_every": 2, "eval_every": 0, "total_steps": 4,
-    "mesh.preset": "fsdp", "data_shards": 8, "async_checkpoints": False,
-}
-CONFIG = "experiments/clip_shapes.py:runlocal=true"
-
-
-def _flags(workdir):
-  return [f"--config={CONFIG}", f"--workdir={workdir}",
-          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
-
-
-def _config(data_dir):
-  c = clip_shapes.get_config("runlocal=true")
-  for key, value in OVERRIDES.items():
-    *parents, last = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  c.data.data_dir = data_dir
-  return c
+CASES = list(multihost_cases.CASES)
 
 
 def _env(data_dir, **extra):
@@ -58,44 +32,89 @@ def _rows(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
-  data_dir = str(tmp_path / "tfds")
-  two, one, logs = (str(tmp_path / n) for n in ("two", "one", "logs"))
-  loop.tasks.build_task(_config(data_dir))  # prepares the dataset once, before the processes
-  # Both runs at once: the 1-process one through launch/local.sh with 8 fake devices.
-  ref = subprocess.Popen(["launch/local.sh", *_flags(one)], cwd=ROOT,
-                         env=_env(data_dir, DEVICES="8"), stdout=subprocess.DEVNULL,
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+  """Every case of tests/multihost_cases.py run on 2 processes x 4 devices
+  (launch/multiprocess_local.sh) and, at the same time, on 1 process x 8
+  devices (launch/local.sh)."""
+  root = tmp_path_factory.mktemp("matrix")
+  data = str(root / "data")
+  for case in CASES:  # prepares every dataset once, before the processes start
+    tasks.build_task(multihost_cases.case_config(case, data))
+  args = [f"--data_dir={data}", f"--cases={','.join(CASES)}"]
+  env = dict(MMJAX_MODULE="tests.multihost_cases")
+  ref = subprocess.Popen(["launch/local.sh", *args, f"--out={root / 'one'}"], cwd=ROOT,
+                         env=_env(data, DEVICES="8", **env), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-  multi = subprocess.run(["launch/multiprocess_local.sh", "2", "4", *_flags(two)], cwd=ROOT,
-                         env=_env(data_dir, MMJAX_LOG_DIR=logs), capture_output=True, text=True,
-                         timeout=420)
-  _, ref_err = ref.communicate(timeout=420)
+  multi = subprocess.run(["launch/multiprocess_local.sh", "2", "4", *args,
+                          f"--out={root / 'two'}"], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(data, MMJAX_LOG_DIR=str(root / "logs"), **env), timeout=1800)
+  _, ref_err = ref.communicate(timeout=1800)
   assert multi.returncode == 0, multi.stderr[-3000:]
   assert ref.returncode == 0, ref_err[-3000:]
+  assert sorted(os.listdir(root / "logs")) == ["process_0.log", "process_1.log"]
+  return {"root": root, "data": data}
 
-  # Process 0 alone wrote the metrics: one row per step; both processes logged.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_train_and_evaluate_as_one(matrix, case):
+  """The same losses at every step and the same eval metrics, during training
+  and from mmjax.evaluate's restore on the same processes (eval.json)."""
+  two, one = (matrix["root"] / n / case for n in ("two", "one"))
   rows_two, rows_one = _rows(two), _rows(one)
-  assert [r["step"] for r in rows_two] == [1, 2, 3, 4]
-  assert sorted(os.listdir(logs)) == ["process_0.log", "process_1.log"]
+  steps = list(range(1, multihost_cases.STEPS + 1))
+  assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == steps
   for a, b in zip(rows_one, rows_two):
     np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-5, atol=1e-5,
-                               err_msg=f"step {a['step']}")
+                               err_msg=f"{case} step {a['step']}")
+  final_one = {k: v for k, v in rows_one[-1].items() if k.startswith("eval/")}
+  final_two = {k: v for k, v in rows_two[-1].items() if k.startswith("eval/")}
+  assert final_one and set(final_two) == set(final_one)
+  for key, value in final_one.items():
+    np.testing.assert_allclose(final_two[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+  restored = json.load(open(two / "eval.json"))
+  assert restored["step"] == multihost_cases.STEPS
+  for key, value in final_two.items():
+    np.testing.assert_allclose(restored[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
 
-  # Step 4 of the 2-process run, restored here (1 process, 8 devices): the same
-  # params as the 1-process run, and a data state that continues its batches.
-  config = _config(data_dir)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_process_checkpoint_restores_in_one_process(matrix, case):
+  """Step 4 of the 2-process run, restored here (1 process, 8 devices): the
+  params of the 1-process run, and a data state that continues its batches."""
+  config = multihost_cases.case_config(case, matrix["data"])
   restored = {}
-  for name, workdir in (("two", two), ("one", one)):
-    s = loop.setup(config, workdir)
-    state, data_state = s["ckpt"].restore(loop.restore_target(s["abstract"], s["shardings"]), 4)
+  for name in ("two", "one"):
+    s = loop.setup(config, str(matrix["root"] / name / case))
+    step = s["ckpt"].latest_step()
+    assert step == multihost_cases.STEPS
+    state, data_state = s["ckpt"].restore(loop.restore_target(s["abstract"], s["shardings"]),
+                                          step)
     s["ckpt"].close()
     data = loop.train_data(s["task"], config)
     data.set_state(data_state)
     restored[name] = (jax.device_get(state.params), next(data))
-    data.close()
+    if hasattr(data, "close"):
+      data.close()
   chex.assert_trees_all_close(restored["two"][0], restored["one"][0], rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_equal(restored["two"][1], restored["one"][1])
+
+
+@pytest.mark.slow
+def test_embed_and_chat_read_a_two_process_workdir(matrix):
+  from mmjax import chat, embed
+  root = matrix["root"]
+  image = os.path.join(matrix["data"], "instruct", "images", "eval", "000000.png")
+  texts = ["a red circle", "two blue squares"]
+  out = {n: embed.embed(str(root / n / "clip_softmax"), images=[image], texts=texts)
+         for n in ("two", "one")}
+  for key in ("image_embeds", "text_embeds"):
+    np.testing.assert_allclose(out["two"][key], out["one"][key], rtol=1e-4, atol=1e-5)
+  answers = {n: chat.answer_once(str(root / n / "llava_stage2"), image, "What color is the "
+                                 "circle?", max_new_tokens=4) for n in ("two", "one")}
+  assert answers["two"] == answers["one"]
 
 
 def _free_slurm_job_id():

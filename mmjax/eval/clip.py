@@ -1,33 +1,29 @@
 """CLIP evaluation: zero-shot classification with a template ensemble, and retrieval.
 
 Both are exact over the whole split: every process embeds its own shard, the
-embeddings are gathered, and padding rows (mask False) are dropped.
+embeddings are gathered once (mmjax.eval.sharded), and padding rows (mask
+False) are dropped.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from mmjax import parallel
-
-
-def gather(x) -> np.ndarray:
-  """A global array (sharded over processes) -> the full numpy array on every host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+from mmjax.eval import sharded
 
 
-def class_embeddings(encode_text: Callable, tokenizer, class_names: Sequence[str],
-                     templates: Sequence[str], context_length: int) -> np.ndarray:
-  """[C, E]: per class, the normalised mean of its normalised template embeddings."""
+def class_embeddings(embed_texts: Callable[[np.ndarray], np.ndarray], tokenizer,
+                     class_names: Sequence[str], templates: Sequence[str],
+                     context_length: int) -> np.ndarray:
+  """[C, E]: per class, the normalised mean of its normalised template embeddings.
+
+  embed_texts: token ids [N, context_length] -> host embeddings [N, E].
+  """
   prompts = [t.format(c) for c in class_names for t in templates]
   ids = tokenizer.encode_batch(prompts, context_length)
-  emb = np.asarray(encode_text(ids), np.float32).reshape(len(class_names), len(templates), -1)
+  emb = np.asarray(embed_texts(ids), np.float32).reshape(len(class_names), len(templates), -1)
   emb = emb.mean(axis=1)
   return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
@@ -42,20 +38,17 @@ def recall_at_k(sim: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[int, fl
   return {k: float(np.mean(rank < k)) for k in ks}
 
 
-def embed_split(encode_image: Callable, encode_text: Callable, batches, mesh) -> dict:
-  """Embeds every batch; returns host arrays of the valid rows only."""
-  images, texts, labels, objects = [], [], [], []
-  for batch in batches:
-    glob = parallel.host_to_global({"image": batch["image"], "text": batch["text"]}, mesh)
-    img, txt = encode_image(glob["image"]), encode_text(glob["text"])
-    mask = gather(parallel.host_to_global(batch["mask"], mesh)).astype(bool)
-    images.append(gather(img)[mask])
-    texts.append(gather(txt)[mask])
-    labels.append(gather(parallel.host_to_global(batch["label"], mesh))[mask])
-    n = batch.get("num_objects", np.ones_like(batch["label"]))
-    objects.append(gather(parallel.host_to_global(n, mesh))[mask])
-  return {"image": np.concatenate(images), "text": np.concatenate(texts),
-          "label": np.concatenate(labels), "num_objects": np.concatenate(objects)}
+EMBED_KEYS = ("image", "text", "label", "num_objects")
+
+
+def embed_split(embed_batch: Callable, batches, mesh) -> dict:
+  """Host arrays (EMBED_KEYS) of the valid rows of every process's batches.
+
+  embed_batch: a global batch -> {image, text} embeddings and its label and
+  num_objects, per row (see mmjax.eval.sharded.run_batches).
+  """
+  out = sharded.run_batches(embed_batch, batches, mesh)
+  return {k: out[k][out["mask"]] for k in EMBED_KEYS}
 
 
 def evaluate(emb: dict, class_emb: np.ndarray | None, held_out: Sequence[int] = ()) -> dict:

@@ -11,6 +11,7 @@ stage-1 run), each the latest checkpoint of that workdir.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from mmjax import checkpoint, losses, parallel
 from mmjax.data import instruct, pipeline, transforms
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.eval import generate as generate_lib
-from mmjax.eval import vqa
+from mmjax.eval import sharded, vqa
 from mmjax.models import llava as llava_lib
 from mmjax.models import llm as llm_lib
 from mmjax.models.vit import ViTConfig
@@ -100,6 +101,8 @@ class LMTask:
     self.model = llm_lib.LLM(self.model_config)
     self.seq_len = int(config.data.seq_len)
     self.frozen = tuple(config.optim.get("frozen", ()) or ())
+    self._eval_sums = jax.jit(self.eval_sums)
+    self._grounded_fn = jax.jit(self.grounded_rows)
 
   def init(self, rng):
     return self.model.init(rng, jnp.zeros((1, self.seq_len), jnp.int32))["params"]
@@ -158,53 +161,59 @@ class LMTask:
     return PackedText(docs, batch_size, self.seq_len, seed=seed + 1000 * shard_index,
                       pad_id=self.tokenizer.pad_id)
 
-  def evaluate(self, params, mesh, rules) -> dict[str, float]:
-    if not hasattr(self, "_eval_rows"):
-      self._eval_rows = pack_all(self._documents("eval"), int(self.config.eval.batch_size),
-                                 self.seq_len, self.tokenizer.pad_id)
-      self._eval_loss = jax.jit(lambda p, b: _sum_loss(self, p, b))
-    total, count = 0.0, 0.0
-    with parallel.activate(mesh, rules):
-      for batch in self._eval_rows:
-        s, c = self._eval_loss(params, batch)
-        total, count = total + float(s), count + float(c)
-    loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            **self._grounded_accuracy(params, mesh, rules)}
+  # -- evaluation -------------------------------------------------------------
 
-  def _grounded_accuracy(self, params, mesh, rules) -> dict[str, float]:
-    """Held-out questions answered from the scene's description (grounded_eval.json):
-    right when every answer token is the argmax given the ones before it, which
-    is what greedy decoding would write. Empty without the file."""
+  def eval_sums(self, params, batch) -> dict[str, jax.Array]:
+    """The next-token loss summed over the labelled tokens of the real rows, and their count."""
+    labels = jnp.where(batch["mask"][:, None], batch["labels"], losses.IGNORE_INDEX)
+    loss, aux = self.loss(params, {**batch, "labels": labels}, None)
+    return {"sum": loss * aux["tokens"], "count": aux["tokens"]}
+
+  def grounded_rows(self, params, batch) -> dict[str, jax.Array]:
+    """Per row: is every answer token the argmax given the ones before it."""
+    tokens = batch["tokens"]
+    pad = self.tokenizer.pad_id
+    valid = jnp.arange(tokens.shape[1])[None] < jnp.sum(tokens != pad, axis=1)[:, None]
+    logits, _ = self.model.apply({"params": params}, tokens, padding=valid)  # right-padded
+    return {"right": greedy_exact(logits, batch["labels"])}
+
+  @functools.cached_property
+  def eval_documents(self) -> dict[str, np.ndarray]:
+    """Every eval document once, packed into rows."""
+    return pack_all(self._documents("eval"), self.seq_len, self.tokenizer.pad_id)
+
+  @functools.cached_property
+  def grounded_eval(self) -> tuple[list[dict], dict[str, np.ndarray]] | None:
+    """(records, {tokens, labels}) of grounded_eval.json; None without the file."""
     cfg = self.data_cfg
     path = _optional_path(cfg, "grounded_eval_json_path", "grounded_eval.json")
     if not path:
-      return {}
-    if not hasattr(self, "_grounded"):
-      records = instruct.load_json(path)
-      template = instruct.get_template(cfg.template, cfg.get("system_prompt"))
-      rows = [instruct.tokenize(r["conversations"], self.tokenizer, template,
-                                max_len=self.seq_len, sample_id=r["id"]) for r in records]
-      bs = int(self.config.eval.batch_size)
-      n = -(-len(rows) // bs) * bs  # whole batches: one compilation
-      rows += [rows[-1]] * (n - len(rows))
-      pad = self.tokenizer.pad_id
-      tokens = np.stack([instruct.pad_to(t, self.seq_len, pad) for t, _ in rows])
-      labels = np.stack([instruct.pad_to(l, self.seq_len, instruct.IGNORE_INDEX) for _, l in rows])
+      return None
+    records = instruct.load_json(path)
+    template = instruct.get_template(cfg.template, cfg.get("system_prompt"))
+    rows = [instruct.tokenize(r["conversations"], self.tokenizer, template,
+                              max_len=self.seq_len, sample_id=r["id"]) for r in records]
+    pad = self.tokenizer.pad_id
+    return records, {
+        "tokens": np.stack([instruct.pad_to(t, self.seq_len, pad) for t, _ in rows]),
+        "labels": np.stack([instruct.pad_to(l, self.seq_len, instruct.IGNORE_INDEX)
+                            for _, l in rows])}
 
-      @jax.jit
-      def all_right(p, tokens, labels):
-        valid = jnp.arange(tokens.shape[1])[None] < jnp.sum(tokens != pad, axis=1)[:, None]
-        logits, _ = self.model.apply({"params": p}, tokens, padding=valid)  # right-padded
-        return greedy_exact(logits, labels)
-
-      self._grounded = (records, tokens, labels, bs, all_right)
-    records, tokens, labels, bs, all_right = self._grounded
+  def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    bs = int(self.config.eval.batch_size)
     with parallel.activate(mesh, rules):
-      right = np.concatenate([np.asarray(all_right(params, tokens[i:i + bs], labels[i:i + bs]))
-                              for i in range(0, len(tokens), bs)])[:len(records)]
-    return vqa.by_type(right, [r.get("question_type", "all") for r in records],
-                       "grounded_accuracy")
+      out = sharded.run_rows(lambda b: self._eval_sums(params, b), self.eval_documents, bs,
+                             mesh)
+      loss = out["sum"] / max(out["count"], 1.0)
+      metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+      if self.grounded_eval is not None:
+        # Held-out questions answered from the scene's description: right when
+        # greedy decoding would write exactly the labelled answer.
+        records, rows = self.grounded_eval
+        right = sharded.run_rows(lambda b: self._grounded_fn(params, b), rows, bs, mesh)["right"]
+        metrics.update(vqa.by_type(right, [r.get("question_type", "all") for r in records],
+                                   "grounded_accuracy"))
+    return metrics
 
 
 def greedy_exact(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -310,9 +319,8 @@ def pack_rows(rows: list[list[np.ndarray]], seq_len: int, pad_id: int) -> dict[s
   return out
 
 
-def pack_all(docs: list[np.ndarray], batch_size: int, seq_len: int,
-             pad_id: int) -> list[dict[str, np.ndarray]]:
-  """Every document once, in order; the last batch is filled with empty rows."""
+def pack_all(docs: list[np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Every document once, in order, packed greedily into rows (see pack_rows)."""
   rows, row = [], []
   for doc in docs:
     doc = doc[:seq_len]
@@ -321,9 +329,7 @@ def pack_all(docs: list[np.ndarray], batch_size: int, seq_len: int,
       row = []
     row.append(doc)
   rows.append(row)
-  rows += [[] for _ in range(-len(rows) % batch_size)]
-  return [pack_rows(rows[i:i + batch_size], seq_len, pad_id)
-          for i in range(0, len(rows), batch_size)]
+  return pack_rows(rows, seq_len, pad_id)
 
 
 # ---------------------------------------------------------------------------
@@ -377,7 +383,11 @@ class LLaVATask:
     self.max_len = int(config.data.max_len)
     self.frozen = tuple(config.optim.get("frozen", ()) or ())
     self.template = _template(self.data_cfg)
-    self._untrained_caption_loss = None
+    model = self.model
+    self._caption_fn = jax.jit(self.caption_sums)
+    self._embed = jax.jit(lambda p, img, ids: model.apply(
+        {"params": p}, img, ids, method=llava_lib.LLaVA.embed_inputs))
+    self._generators: dict[int, Any] = {}  # max_new_tokens -> jitted decoder
 
   # -- model ----------------------------------------------------------------
 
@@ -447,113 +457,105 @@ class LLaVATask:
     if not sources:
       logging.warning("llava stage %d starts from random weights: set init.clip_workdir, "
                       "init.lm_workdir or init.stage1_workdir", self.stage)
-    if self.stage == 1 and self.config.eval_every:
-      # The frozen LM's caption loss with the untrained projector: stage 1's baseline.
-      self._untrained_caption_loss = self._caption_loss(params)["caption_loss"]
     return params
 
   # -- evaluation -------------------------------------------------------------
 
   def evaluate(self, params, mesh, rules) -> dict[str, float]:
+    """Stage 1: the caption loss of held-out captions, with and without the
+    image (`eval_at_start` logs it for the untrained projector at step 0).
+    Stage 2: exact-match VQA accuracy on held-out questions."""
     with parallel.activate(mesh, rules):
       if self.stage == 1:
-        out = self._caption_loss(params)
-        if self._untrained_caption_loss is not None:
-          out["caption_loss_untrained_projector"] = self._untrained_caption_loss
-        return out
-      return self.vqa(params)
+        return self.caption_loss(params, mesh)
+      return self.vqa(params, mesh)
 
-  def _caption_batches(self):
-    if not hasattr(self, "_captions"):
-      cfg = self.data_cfg
-      path = _path(cfg, "caption_eval_json_path", "captions_eval.json")
-      records = instruct.load_json(path)[:int(self.config.eval.get("num_captions", 256))]
-      fn = LlavaExample(self.tokenizer, instruct.get_template("plain"), self.max_len,
-                        cfg.image_size, cfg.transforms.normalize, bool(cfg.transforms.pad_to_square))
-      rows = [fn.make(_read_image(cfg, r["image"]), r["conversations"], r["id"]) for r in records]
-      bs = int(self.config.eval.batch_size)
-      self._captions = [
-          {k: np.stack([r[k] for r in rows[i:i + bs]]) for k in rows[0]}
-          for i in range(0, len(rows), bs)]
-      image_id = self.model_config.image_token_id
-
-      def sums(p, b, blind):
-        tokens = jnp.where(blind & (b["tokens"] == image_id), self.tokenizer.pad_id, b["tokens"])
-        loss, aux = self.loss(p, {**b, "tokens": tokens}, None)
-        return loss * aux["tokens"], aux["tokens"]
-
-      self._caption_sums = jax.jit(sums)  # blind is traced: one compilation for both
-    return self._captions
-
-  def _caption_loss(self, params) -> dict[str, float]:
-    """Caption loss of held-out captions (stage 1's format), with and without the image."""
+  def caption_sums(self, params, batch) -> dict[str, jax.Array]:
+    """Loss sums and token counts of the real rows, with the image and without
+    (its tokens replaced by padding)."""
+    labels = jnp.where(batch["mask"][:, None], batch["labels"], losses.IGNORE_INDEX)
     out = {}
-    for blind, key in ((False, "caption_loss"), (True, "caption_loss_no_image")):
-      total = count = 0.0
-      for batch in self._caption_batches():
-        s, c = self._caption_sums(params, batch, jnp.asarray(blind))
-        total, count = total + float(s), count + float(c)
-      out[key] = total / max(count, 1.0)
-    out["caption_perplexity"] = math.exp(min(out["caption_loss"], 50.0))
+    for name, blind in (("caption", False), ("no_image", True)):
+      tokens = batch["tokens"]
+      if blind:
+        tokens = jnp.where(tokens == self.model_config.image_token_id, self.tokenizer.pad_id,
+                           tokens)
+      loss, aux = self.loss(params, {**batch, "tokens": tokens, "labels": labels}, None)
+      out[f"{name}_sum"], out[f"{name}_count"] = loss * aux["tokens"], aux["tokens"]
     return out
 
-  def generator(self, max_new_tokens: int):
-    """(embed_fn, generate_fn) for prompts of this model, jitted once per size."""
-    key = ("_generator", max_new_tokens)
-    if not hasattr(self, "_generators"):
-      self._generators = {}
-    if key not in self._generators:
-      model = self.model
-      embed = jax.jit(lambda p, img, ids: model.apply(
-          {"params": p}, img, ids, method=llava_lib.LLaVA.embed_inputs))
-      gen = generate_lib.make_generate(llm_lib.LLM(self.model_config.llm), max_new_tokens,
-                                       self.tokenizer.eos_id, self.tokenizer.pad_id)
-      self._generators[key] = (embed, gen)
-    return self._generators[key]
+  @functools.cached_property
+  def caption_eval(self) -> dict[str, np.ndarray]:
+    """The held-out captions in stage 1's format: {image, tokens, labels} rows."""
+    cfg = self.data_cfg
+    path = _path(cfg, "caption_eval_json_path", "captions_eval.json")
+    records = instruct.load_json(path)[:int(self.config.eval.get("num_captions", 256))]
+    fn = LlavaExample(self.tokenizer, instruct.get_template("plain"), self.max_len,
+                      cfg.image_size, cfg.transforms.normalize, bool(cfg.transforms.pad_to_square))
+    rows = [fn.make(_read_image(cfg, r["image"]), r["conversations"], r["id"]) for r in records]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
-  def answer(self, params, images: np.ndarray, conversations: list[list[dict]], *,
+  def caption_loss(self, params, mesh) -> dict[str, float]:
+    out = sharded.run_rows(lambda b: self._caption_fn(params, b), self.caption_eval,
+                           int(self.config.eval.batch_size), mesh)
+    metrics = {"caption_loss": out["caption_sum"] / max(out["caption_count"], 1.0),
+               "caption_loss_no_image": out["no_image_sum"] / max(out["no_image_count"], 1.0)}
+    metrics["caption_perplexity"] = math.exp(min(metrics["caption_loss"], 50.0))
+    return metrics
+
+  def generator(self, max_new_tokens: int):
+    """The jitted decoder for answers of up to `max_new_tokens`, built once per length."""
+    if max_new_tokens not in self._generators:
+      self._generators[max_new_tokens] = generate_lib.make_generate(
+          llm_lib.LLM(self.model_config.llm), max_new_tokens, self.tokenizer.eos_id,
+          self.tokenizer.pad_id)
+    return self._generators[max_new_tokens]
+
+  def answer(self, params, images: np.ndarray, conversations: list[list[dict]], *, mesh,
              max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, prompt_len: int | None = None) -> list[str]:
-    """The assistant's next answer for each (image, conversation ending with a question)."""
+             seed: int = 0, prompt_len: int | None = None,
+             batch_size: int | None = None) -> list[str]:
+    """The assistant's next answer for each (image, conversation ending with a
+    question), the rows split over the processes (mmjax.eval.sharded.run_rows)
+    in global batches of `batch_size` (default: all at once). Sampling draws
+    from `seed` per batch."""
     prompts = [instruct.tokenize(c, self.tokenizer, self.template)[0] for c in conversations]
     length = prompt_len or max(len(p) for p in prompts)
     if max(len(p) for p in prompts) > length:
       raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens exceeds {length}")
     ids = np.stack([instruct.pad_to(p, length, self.tokenizer.pad_id) for p in prompts])
-    embed, gen = self.generator(max_new_tokens)
-    embeds, plan = embed(params, jnp.asarray(images), jnp.asarray(ids))
-    tokens = gen(params["llm"], embeds, plan["valid"], jax.random.PRNGKey(seed),
-                 temperature, top_p)
+    gen = self.generator(max_new_tokens)
+    rng = jax.random.PRNGKey(seed)
+
+    def decode(batch):
+      embeds, plan = self._embed(params, batch["image"], batch["ids"])
+      return {"tokens": gen(params["llm"], embeds, plan["valid"], rng, temperature, top_p)}
+
+    tokens = sharded.run_rows(decode, {"image": np.asarray(images), "ids": ids},
+                              batch_size or len(ids), mesh)["tokens"]
     return [self.tokenizer.decode(t) for t in generate_lib.trim(
         tokens, self.tokenizer.eos_id, self.tokenizer.pad_id)]
 
-  def vqa(self, params) -> dict[str, float]:
-    """Exact-match accuracy on the held-out questions, overall and per type."""
+  @functools.cached_property
+  def vqa_eval(self) -> tuple[list[dict], np.ndarray]:
+    """(records, preprocessed images) of the held-out questions."""
     cfg = self.data_cfg
-    if not hasattr(self, "_vqa_records"):
-      path = _path(cfg, "eval_json_path", "vqa_eval.json")
-      records = instruct.load_json(path)[:int(self.config.eval.get("num_questions", 100000))]
-      self._vqa_records = records
-      self._vqa_images = np.stack([
-          transforms.preprocess_image(_read_image(cfg, r["image"]), cfg.image_size,
-                                      cfg.transforms.normalize,
-                                      pad_square=bool(cfg.transforms.pad_to_square))
-          for r in records])
-    records = self._vqa_records
-    bs = int(self.config.eval.batch_size)
-    predictions = []
-    for i in range(0, len(records), bs):
-      chunk = records[i:i + bs]
-      convs = [r["conversations"][:1] for r in chunk]
-      images = self._vqa_images[i:i + bs]
-      pad = bs - len(chunk)
-      if pad:  # one shape for every batch: one compilation
-        convs += [convs[-1]] * pad
-        images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-      predictions += self.answer(params, images, convs, prompt_len=self.max_len,
-                                 max_new_tokens=int(self.config.eval.get("max_new_tokens", 8)))[
-                                     :len(chunk)]
-    self.last_predictions = predictions
+    path = _path(cfg, "eval_json_path", "vqa_eval.json")
+    records = instruct.load_json(path)[:int(self.config.eval.get("num_questions", 100000))]
+    images = np.stack([
+        transforms.preprocess_image(_read_image(cfg, r["image"]), cfg.image_size,
+                                    cfg.transforms.normalize,
+                                    pad_square=bool(cfg.transforms.pad_to_square))
+        for r in records])
+    return records, images
+
+  def vqa(self, params, mesh) -> dict[str, float]:
+    """Exact-match accuracy on the held-out questions, overall and per type."""
+    records, images = self.vqa_eval
+    predictions = self.answer(
+        params, images, [r["conversations"][:1] for r in records], mesh=mesh,
+        prompt_len=self.max_len, batch_size=int(self.config.eval.batch_size),
+        max_new_tokens=int(self.config.eval.get("max_new_tokens", 8)))
     return vqa.accuracy(predictions, [r["answer"] for r in records],
                         [r.get("question_type", "all") for r in records])
 

@@ -99,9 +99,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   mesh, rules, task, ckpt = s["mesh"], s["rules"], s["task"], s["ckpt"]
   data = train_data(task, config)
 
-  start = ckpt.latest_step()
+  start, state, data_state = ckpt.restore_newest(restore_target(s["abstract"], s["shardings"]))
   if start is not None:
-    state, data_state = ckpt.restore(restore_target(s["abstract"], s["shardings"]), start)
     if data_state is not None:
       data.set_state(_local_data_state(data_state))
     logging.info("resumed from %s at step %d", ckpt.directory, start)
@@ -117,7 +116,8 @@ def train(config, workdir: str) -> dict[str, Any]:
       step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"],
                                config.optim.get("grad_accum", 1)),
       s["shardings"], mesh, task.batch_spec(config.batch_size))
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main,
+                                     resume_step=start)
   peak, peak_source = metrics_lib.peak_flops()
   flops_per_example = task.flops_per_example()
   logging.info("model FLOPs per example %.3g; peak %.3g FLOP/s (%s)",
@@ -131,6 +131,13 @@ def train(config, workdir: str) -> dict[str, Any]:
   t_last, steps_since = time.perf_counter(), 0
   step = start
   try:
+    if start == 0 and config.get("eval_at_start", False):
+      # The starting point's numbers (a stage's baseline), logged as step 0.
+      start_row = {f"eval/{k}": v for k, v in task.evaluate(state.params, mesh, rules).items()}
+      writer.write(0, start_row)
+      if is_main:
+        logging.info("step 0: %s", {k: round(v, 4) for k, v in start_row.items()})
+      t_last = time.perf_counter()
     with parallel.activate(mesh, rules):
       while step < config.total_steps:
         profile.maybe_start(step)

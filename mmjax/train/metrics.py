@@ -58,15 +58,37 @@ def peak_flops() -> tuple[float, str]:
   return measure_matmul_peak() * jax.process_count(), "measured float32 matmul"
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Keeps the rows of steps <= step (none when a run starts over at 0)."""
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if step > 0 and json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError):  # a line cut short by a kill
+      continue
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
   """Process 0 appends one JSON object per logged step and mirrors it to TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    """resume_step: the step a run starts from (its checkpoint's, 0 without
+    one); rows logged after it (by a run that died before its next checkpoint)
+    are dropped, since this run logs those steps again."""
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      if resume_step is not None and os.path.exists(self.path):
+        _drop_rows_after(self.path, resume_step)
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -10,7 +10,10 @@ The step and the loop are shared; a Task says only what differs. A Task has:
   frozen                              regexes ('vision/.*') of params that do not train
   train_batches(per_process_batch, seed) -> iterator with get_state / set_state
                                       (and shard_index=, shard_count= for data_shards)
-  evaluate(params, mesh, rules) -> dict of floats   (logged as eval/<key>)
+  evaluate(params, mesh, rules) -> dict of floats   (logged as eval/<key>): each
+                                      process evaluates its share of the split
+                                      through mmjax.eval.sharded, with jitted
+                                      functions built in __init__
   flops_per_example() -> float        training FLOPs, for MFU
   initial_params(params, shardings) -> params       optional: start from other runs
 """
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 from mmjax import collective_losses, losses, parallel
 from mmjax.data import pipeline
 from mmjax.eval import clip as clip_eval
+from mmjax.eval import sharded
 from mmjax.models import clip as clip_lib
 from mmjax.models.text import TextConfig
 from mmjax.models.vit import ViTConfig
@@ -102,6 +106,7 @@ class CLIPTask:
                                             embed_dim=m.embed_dim, loss=m.loss)
     self.model = clip_lib.CLIP(self.model_config)
     self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
+    self._build_eval_fns()
 
   def init(self, rng):
     s, t = self.data_cfg.image_size, self.data_cfg.context_length
@@ -150,27 +155,33 @@ class CLIPTask:
 
   # -- evaluation ---------------------------------------------------------
 
-  def _encoders(self, mesh):
-    if getattr(self, "_encoders_for", None) is not mesh:
-      model = self.model
-      img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=clip_lib.CLIP.encode_image))
-      txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=clip_lib.CLIP.encode_text))
-      self._encoders_for, self._img, self._txt = mesh, img, txt
-    return self._img, self._txt
+  def _build_eval_fns(self):
+    """The jitted eval functions (params, global batch) -> per-row outputs."""
+    model = self.model
+
+    def embed_batch(p, b):
+      return {"image": model.apply({"params": p}, b["image"], method=clip_lib.CLIP.encode_image),
+              "text": model.apply({"params": p}, b["text"], method=clip_lib.CLIP.encode_text),
+              "label": b["label"], "num_objects": b["num_objects"]}
+
+    self._embed_batch = jax.jit(embed_batch)
+    self._embed_text = jax.jit(lambda p, b: {"text": model.apply(
+        {"params": p}, b["text"], method=clip_lib.CLIP.encode_text)})
 
   def evaluate(self, params, mesh, rules) -> dict[str, float]:
     cfg = self.config
-    img_fn, txt_fn = self._encoders(mesh)
     per_process = cfg.eval.batch_size // jax.process_count()
     with parallel.activate(mesh, rules):
       batches = pipeline.eval_iterator(self.data_cfg, tokenizer=self.tokenizer,
                                        split=self.data_cfg.eval_split, batch_size=per_process)
-      emb = clip_eval.embed_split(lambda x: img_fn(params, x), lambda t: txt_fn(params, t),
-                                  batches, mesh)
+      emb = clip_eval.embed_split(lambda b: self._embed_batch(params, b), batches, mesh)
       class_emb = None
       if cfg.eval.zeroshot:
         names = pipeline.class_names(self.data_cfg)
+        embed_texts = lambda ids: sharded.run_rows(  # noqa: E731
+            lambda b: self._embed_text(params, b), {"text": ids}, cfg.eval.batch_size,
+            mesh)["text"]
         class_emb = clip_eval.class_embeddings(
-            lambda ids: txt_fn(params, ids), self.tokenizer, names,
-            pipeline.prompt_templates(self.data_cfg), self.data_cfg.context_length)
+            embed_texts, self.tokenizer, names, pipeline.prompt_templates(self.data_cfg),
+            self.data_cfg.context_length)
     return clip_eval.evaluate(emb, class_emb, pipeline.held_out_labels(self.data_cfg))

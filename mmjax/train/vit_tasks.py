@@ -26,7 +26,7 @@ import numpy as np
 
 from mmjax import checkpoint, parallel
 from mmjax.data import pipeline, transforms
-from mmjax.eval.clip import gather
+from mmjax.eval import sharded
 from mmjax.models import convnet as convnet_lib
 from mmjax.models import mae as mae_lib
 from mmjax.models import vit as vit_lib
@@ -80,23 +80,25 @@ class PartlyLabelledExample(ImageLabelExample):
 
 
 class ImageLabelEvalExample(grain.transforms.Map):
-  """Eval example -> {image, label, mask}; `blank()` pads (mask False)."""
+  """Eval example -> {image, label, mask, index (the record's)}; `blank()` pads
+  (mask False, index -1)."""
 
   def __init__(self, data_cfg):
     self.size, self.mode = int(data_cfg.image_size), data_cfg.transforms.normalize
     self.pad_square = bool(data_cfg.transforms.pad_to_square)
 
   def map(self, item):
-    _, example = item
+    index, example = item
     if example["bad"] or example["image"] is None:
       return self.blank()
     return {"image": transforms.preprocess_image(example["image"], self.size, self.mode,
                                                  pad_square=self.pad_square),
-            "label": np.int32(example["label"]), "mask": np.bool_(True)}
+            "label": np.int32(example["label"]), "mask": np.bool_(True),
+            "index": np.int32(index)}
 
   def blank(self) -> dict[str, np.ndarray]:
     return {"image": np.zeros((self.size, self.size, 3), np.float32), "label": np.int32(-1),
-            "mask": np.bool_(False)}
+            "mask": np.bool_(False), "index": np.int32(-1)}
 
 
 # ---------------------------------------------------------------------------
@@ -190,6 +192,7 @@ class ClassifierTask:
     self.num_classes = num_classes(config)
     self.loss_cfg = config.get("loss") or ml_collections.ConfigDict()
     self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
+    self._eval_fn = jax.jit(self.eval_rows)  # self.model comes from the subclass
 
   # -- model ----------------------------------------------------------------
 
@@ -244,28 +247,28 @@ class ClassifierTask:
                                   batch_size=batch_size,
                                   example_fn=ImageLabelEvalExample(self.data_cfg))
 
+  def eval_rows(self, params, batch) -> dict[str, jax.Array]:
+    """Per row: whether each head's prediction is right, and the prediction's
+    cross-entropy."""
+    probs = self.head_probs(params, batch["image"])
+    labels = batch["label"]
+    out = {f"correct/{k}": jnp.argmax(p, axis=-1) == labels for k, p in probs.items()}
+    p_true = jnp.take_along_axis(probs["top1"], jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    out["nll"] = -jnp.log(jnp.maximum(p_true.astype(jnp.float32), 1e-12))
+    return out
+
   def evaluate(self, params, mesh, rules) -> dict[str, float]:
     """top1 (and each head's) and the cross-entropy of the prediction, over the
     whole eval split: every process predicts its shard, padding is dropped."""
-    if getattr(self, "_eval_for", None) is not mesh:
-      self._eval_for, self._probs = mesh, jax.jit(self.head_probs)
     per_process = int(self.config.eval.batch_size) // jax.process_count()
-    correct: dict[str, list] = {}
-    nll = []
     with parallel.activate(mesh, rules):
-      for batch in self.eval_batches(per_process):
-        glob = parallel.host_to_global({"image": batch["image"], "label": batch["label"],
-                                        "mask": batch["mask"]}, mesh)
-        probs = {k: gather(v) for k, v in self._probs(params, glob["image"]).items()}
-        mask = gather(glob["mask"]).astype(bool)
-        labels = gather(glob["label"])[mask]
-        for k, p in probs.items():
-          correct.setdefault(k, []).append(np.argmax(p[mask], axis=-1) == labels)
-        p_true = probs["top1"][mask][np.arange(len(labels)), labels]
-        nll.append(-np.log(np.maximum(p_true, 1e-12)))
-    out = {k: float(np.mean(np.concatenate(v))) for k, v in correct.items()}
-    out["loss"] = float(np.mean(np.concatenate(nll)))
-    out["count"] = int(sum(len(v) for v in correct["top1"]))
+      rows = sharded.run_batches(lambda b: self._eval_fn(params, b),
+                                 self.eval_batches(per_process), mesh)
+    valid = rows["mask"]
+    out = {k.split("/", 1)[1]: float(np.mean(v[valid])) for k, v in rows.items()
+           if k.startswith("correct/")}
+    out["loss"] = float(np.mean(rows["nll"][valid]))
+    out["count"] = int(valid.sum())
     return out
 
 
@@ -496,6 +499,7 @@ class MAETask:
     self.model_config = _dataclass(mae_lib.MAEConfig, config.model.mae, encoder=encoder)
     self.model = mae_lib.MAE(self.model_config)
     self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
+    self._eval_fn = jax.jit(self.eval_sums)
 
   def _keep(self, rng, batch: int):
     return mae_lib.random_masking(rng, batch, self.model_config.encoder.num_patches,
@@ -525,28 +529,28 @@ class MAETask:
     return pipeline.train_iterator(self.data_cfg, batch_size=batch_size, seed=seed,
                                    example_fn=ImageLabelExample(self.data_cfg), **shard)
 
+  def eval_sums(self, params, batch) -> dict[str, jax.Array]:
+    """The reconstruction loss summed over the masked patches of the real rows,
+    and their count. Each image's mask is drawn from its record index, so it is
+    the same whichever batch or process the image lands in."""
+    cfg = self.model_config
+    images = batch["image"]
+    rngs = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(0), i))(
+        jnp.maximum(batch["index"], 0))
+    keep, mask = jax.vmap(lambda r: self._keep(r, 1))(rngs)
+    keep, mask = keep[:, 0], mask[:, 0]
+    pred, _ = self.model.apply({"params": params}, images, keep)
+    target = mae_lib.reconstruction_targets(images, cfg.encoder.size["patch_size"],
+                                            cfg.norm_pix_loss)
+    valid = batch["mask"].astype(jnp.float32)[:, None]
+    per_patch = jnp.mean((pred - target) ** 2, axis=-1) * mask * valid
+    return {"sum": jnp.sum(per_patch), "count": jnp.sum(mask * valid)}
+
   def evaluate(self, params, mesh, rules) -> dict[str, float]:
-    if getattr(self, "_eval_for", None) is not mesh:
-      cfg = self.model_config
-
-      def sums(p, images, valid, rng):
-        keep, mask = self._keep(rng, images.shape[0])
-        pred, _ = self.model.apply({"params": p}, images, keep)
-        target = mae_lib.reconstruction_targets(images, cfg.encoder.size["patch_size"],
-                                                cfg.norm_pix_loss)
-        per_patch = jnp.mean((pred - target) ** 2, axis=-1) * mask * valid[:, None]
-        return jnp.sum(per_patch), jnp.sum(mask * valid[:, None])
-
-      self._eval_for, self._sums = mesh, jax.jit(sums)
     per_process = int(self.config.eval.batch_size) // jax.process_count()
-    total = count = 0.0
     with parallel.activate(mesh, rules):
       batches = pipeline.eval_iterator(self.data_cfg, split=self.data_cfg.eval_split,
                                        batch_size=per_process,
                                        example_fn=ImageLabelEvalExample(self.data_cfg))
-      for i, batch in enumerate(batches):
-        glob = parallel.host_to_global({"image": batch["image"],
-                                        "mask": batch["mask"].astype(np.float32)}, mesh)
-        s, c = self._sums(params, glob["image"], glob["mask"], jax.random.PRNGKey(i))
-        total, count = total + float(s), count + float(c)
-    return {"loss": total / max(count, 1.0)}
+      out = sharded.run_batches(lambda b: self._eval_fn(params, b), batches, mesh)
+    return {"loss": out["sum"] / max(out["count"], 1.0)}
