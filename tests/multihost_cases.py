@@ -2,8 +2,8 @@
 
 Run as one process (8 devices) or as several (launch/multiprocess_local.sh),
 with the same arguments; each case trains a few steps (evaluating and
-checkpointing), then `loop.evaluate` restores its latest checkpoint on the same
-processes and writes eval.json:
+checkpointing), then restores its checkpoint on the same processes
+(restored.json) and, for EVALUATED, runs `loop.evaluate` on it (eval.json):
 
   MMJAX_MODULE=tests.multihost_cases launch/multiprocess_local.sh 2 4 \\
       --out=DIR --data_dir=DATA --cases=clip_softmax,lm
@@ -14,6 +14,7 @@ those of 1 process x 8 devices.
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import app, flags
@@ -39,6 +40,9 @@ CASES = {
 }
 
 STEPS = 4
+# Cases whose checkpoint mmjax.evaluate also restores and evaluates on the same
+# processes (eval.json); every case's restores there for restored.json.
+EVALUATED = ("clip_softmax", "llava_stage2")
 LLAVA_ARGS = "runlocal=true,llm=tiny,num_train=48,num_eval=6,image_size=32"
 
 
@@ -87,7 +91,7 @@ def family_config(family: str, data_dir: str):
   if family in ("clip", "vit", "mae"):
     overrides["data.data_dir"] = os.path.join(data_dir, "tfds")
   overrides.update({"total_steps": STEPS, "log_every": 1, "eval_every": STEPS,
-                    "checkpoint_every": 2, "batch_size": 16, "eval.batch_size": 16,
+                    "checkpoint_every": STEPS, "batch_size": 16, "eval.batch_size": 16,
                     "data_shards": 8})
   for key, value in overrides.items():
     _set(c, key, value)
@@ -119,7 +123,29 @@ def main(argv):
     config = case_config(case, _DATA.value)
     workdir = os.path.join(_OUT.value, case)
     loop.train(config, workdir)
-    loop.evaluate(config, workdir)
+    write_restored(config, workdir)
+    if case in EVALUATED:
+      loop.evaluate(config, workdir)
+
+
+def write_restored(config, workdir: str) -> None:
+  """Restores the latest checkpoint on these processes; process 0 writes the
+  step and each param's sum of squares to workdir/restored.json."""
+  import jax
+  import jax.numpy as jnp
+  from mmjax import treeutil
+  from mmjax.train import loop
+  s = loop.setup(config, workdir)
+  step = s["ckpt"].latest_step()
+  state, _ = s["ckpt"].restore(loop.restore_target(s["abstract"], s["shardings"]), step)
+  s["ckpt"].close()
+  norms = jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))),
+                                         p))(state.params)
+  flat = {treeutil.path_str(path): float(v.addressable_data(0))
+          for path, v in jax.tree_util.tree_flatten_with_path(norms)[0]}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "restored.json"), "w") as f:
+      json.dump({"step": int(step), "sum_of_squares": flat}, f, indent=1)
 
 
 if __name__ == "__main__":

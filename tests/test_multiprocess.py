@@ -59,8 +59,9 @@ def matrix(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_train_and_evaluate_as_one(matrix, case):
-  """The same losses at every step and the same eval metrics, during training
-  and from mmjax.evaluate's restore on the same processes (eval.json)."""
+  """The same losses at every step and the same eval metrics; the checkpoint
+  restored on the same 2 processes holds the 1-process run's params, and
+  mmjax.evaluate there (EVALUATED cases) gives the metrics of training."""
   two, one = (matrix["root"] / n / case for n in ("two", "one"))
   rows_two, rows_one = _rows(two), _rows(one)
   steps = list(range(1, multihost_cases.STEPS + 1))
@@ -73,10 +74,19 @@ def test_two_processes_train_and_evaluate_as_one(matrix, case):
   assert final_one and set(final_two) == set(final_one)
   for key, value in final_one.items():
     np.testing.assert_allclose(final_two[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
-  restored = json.load(open(two / "eval.json"))
-  assert restored["step"] == multihost_cases.STEPS
-  for key, value in final_two.items():
-    np.testing.assert_allclose(restored[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+  # Restored on the same processes: the params of the 1-process run's checkpoint.
+  restored = {n: json.load(open(matrix["root"] / n / case / "restored.json"))
+              for n in ("two", "one")}
+  assert restored["two"]["step"] == restored["one"]["step"] == multihost_cases.STEPS
+  assert set(restored["two"]["sum_of_squares"]) == set(restored["one"]["sum_of_squares"])
+  for key, value in restored["one"]["sum_of_squares"].items():
+    np.testing.assert_allclose(restored["two"]["sum_of_squares"][key], value, rtol=1e-4,
+                               atol=1e-8, err_msg=key)
+  if case in multihost_cases.EVALUATED:  # mmjax.evaluate's restore and evaluation
+    evaluated = json.load(open(two / "eval.json"))
+    assert evaluated["step"] == multihost_cases.STEPS
+    for key, value in final_two.items():
+      np.testing.assert_allclose(evaluated[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 @pytest.mark.slow
