@@ -43,6 +43,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.async_checkpoints = True
   c.profile_steps = 0
+  # The layers' CPU forms (mmjax.backend): auto = where the run's devices are CPUs.
+  c.cpu_tuning = "auto"
   # preset: "" (use the sizes) | dp | fsdp | fsdp_tensor | multislice (parallel.PRESETS);
   # dcn: slices (data parallel across them).
   c.mesh = ml_collections.ConfigDict({"preset": "", "dcn": 1, "data": -1, "fsdp": 1,

@@ -17,8 +17,12 @@ the tunables once, when the process starts, so a command line entry point calls
 `reexec_with_tuned_malloc()` first: it replaces the process (same PID, same
 arguments) with one that has them in `GLIBC_TUNABLES`.
 
-Set `MMJAX_SYSTEM_MALLOC=1` to keep glibc's defaults; a `GLIBC_TUNABLES` that
-already names a `glibc.malloc.` tunable is left as it is.
+Only a process that computes on its CPU is re-executed (`mmjax.backend.runs_on_cpu`:
+JAX_PLATFORMS, else no GPU or TPU device on the host): on a GPU or TPU host the
+step's buffers live on the device, and one arena would only serialise the loader
+threads, Orbax's saves and TensorBoard on one malloc lock. Set
+`MMJAX_SYSTEM_MALLOC=1` to keep glibc's defaults everywhere; a `GLIBC_TUNABLES`
+that already names a `glibc.malloc.` tunable is left as it is.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import os
 import platform
 import sys
 from typing import Mapping
+
+from mmjax import backend
 
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                    "glibc.malloc.trim_threshold=1099511627776")
@@ -54,6 +60,8 @@ def reexec_with_tuned_malloc() -> None:
   """
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     return
+  if not backend.runs_on_cpu(os.environ):
+    return  # on a GPU / TPU host it would only serialise the host threads on one arena
   env = tuned_environ(os.environ)
   if env is None:
     return

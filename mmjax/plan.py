@@ -32,7 +32,7 @@ from absl import app, flags, logging
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from mmjax import parallel
+from mmjax import backend, parallel
 from mmjax.train import loop, optim, step as step_lib, tasks
 from mmjax.train import metrics as metrics_lib
 
@@ -141,7 +141,9 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
                                       sharding=parallel.batch_sharding(mesh, len(v.shape)))
               for k, v in batch_spec.items()}
   start = time.perf_counter()
-  with parallel.activate(mesh, rules):
+  # The layers' forms for the target's platform, not this host's (mmjax.backend).
+  tuned = backend.choose(config.get("cpu_tuning", "auto"), devices)
+  with parallel.activate(mesh, rules), backend.cpu_tuning_as(tuned):
     compiled = jitted.lower(state_in, batch_in).compile()
   compile_s = time.perf_counter() - start
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax import parallel
+from mmjax import backend, parallel
 
 Dtype = Any
 Array = jax.Array
@@ -56,10 +56,18 @@ def gelu(x: Array) -> Array:
   return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
-@jax.custom_vjp
 def swiglu(gate: Array, up: Array) -> Array:
-  """silu(gate) * up (Llama's gated MLP), with sigmoid(gate) kept for the
-  backward pass: its gradient is then products only, no exp per element."""
+  """silu(gate) * up (Llama's gated MLP); with mmjax.backend.cpu_tuning(), as
+  `_swiglu_cpu`."""
+  if backend.cpu_tuning():
+    return _swiglu_cpu(gate, up)
+  return jax.nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def _swiglu_cpu(gate: Array, up: Array) -> Array:
+  """swiglu with sigmoid(gate) kept for the backward pass: its gradient is
+  then products only, no exp per element."""
   return jax.nn.silu(gate) * up
 
 
@@ -73,7 +81,7 @@ def _swiglu_bwd(res, g):
   return g * up * s * (1 + gate * (1 - s)), g * gate * s
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu_cpu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -97,12 +105,18 @@ def _normalise(x: Array, eps: float) -> tuple[Array, Array]:
   return centred * rstd, rstd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: Array, scale: Array, bias: Array | None, eps: float) -> Array:
   """(x - mean) / sqrt(var + eps) * scale + bias over the last axis (bias may be
   None). Everything is float32: callers cast x first, and autodiff casts back.
+  With mmjax.backend.cpu_tuning(), as `_layer_norm_cpu`."""
+  if backend.cpu_tuning():
+    return _layer_norm_cpu(x, scale, bias, eps)
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
 
-  The backward pass is written out: with x_hat the normalised input and
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_cpu(x: Array, scale: Array, bias: Array | None, eps: float) -> Array:
+  """layer_norm with its backward pass written out: with x_hat the normalised input and
   g' = g * scale, dx = rstd (g' - mean(g') - x_hat mean(g' x_hat)), and
   dscale, dbias are sums over the batch axes. In the CLIP step, autodiff of the
   forward materialised the scale broadcast to [..., d] in its backward fusions;
@@ -132,7 +146,7 @@ def _layer_norm_bwd(eps, res, g):
   return dx, dscale, dbias
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm_cpu.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -242,10 +256,17 @@ def make_attention_mask(
 # --------------------------------------------------------------------------
 # Matmuls.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def contract(x: Array, kernel: Array, in_dims: int = 1) -> Array:
   """x [..., *K] . kernel [*K, *N] -> [..., *N]: a dense layer's matmul over
-  the last `in_dims` dims of x, with its backward pass written out.
+  the last `in_dims` dims of x; with mmjax.backend.cpu_tuning(), as `_contract_cpu`."""
+  if backend.cpu_tuning():
+    return _contract_cpu(x, kernel, in_dims)
+  return jnp.tensordot(x, kernel, axes=in_dims)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _contract_cpu(x: Array, kernel: Array, in_dims: int = 1) -> Array:
+  """contract with its backward pass written out.
 
   The two gradients are the plain products dy . kernel^T and
   x^T . dy (over the flattened leading dims) of the saved x and kernel. Left
@@ -260,7 +281,7 @@ def contract(x: Array, kernel: Array, in_dims: int = 1) -> Array:
 
 
 def _contract_fwd(x, kernel, in_dims):
-  return contract(x, kernel, in_dims), (x, kernel)
+  return jnp.tensordot(x, kernel, axes=in_dims), (x, kernel)
 
 
 def _contract_bwd(in_dims, res, g):
@@ -272,7 +293,7 @@ def _contract_bwd(in_dims, res, g):
   return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
 
 
-contract.defvjp(_contract_fwd, _contract_bwd)
+_contract_cpu.defvjp(_contract_fwd, _contract_bwd)
 
 
 def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
@@ -399,9 +420,19 @@ def _project(x: Array, parts: list[tuple[Array, Array | None]], dtype: Dtype) ->
   return [y[:, :, i] for i in range(len(parts))]
 
 
+def _project_each(x: Array, parts: list[tuple[Array, Array | None]], dtype: Dtype) -> list[Array]:
+  """x [..., D] through each kernel [D, F] (and bias) on its own."""
+  out = []
+  for kernel, bias in parts:
+    y = contract(x.astype(dtype), kernel.astype(dtype))
+    out.append(y if bias is None else y + bias.astype(dtype))
+  return out
+
+
 def _project_side_by_side(x: Array, parts: list[tuple[Array, Array | None]],
                           dtype: Dtype, axis_name: str) -> list[Array]:
-  """x [..., D] through kernels [D, F] of equal shape as one [D, P F] matmul.
+  """x [..., D] through kernels [D, F] of equal shape as one [D, P F] matmul
+  under mmjax.backend.cpu_tuning() (else each on its own).
 
   SwiGLU's gate and up projections: as two matmuls, XLA:CPU writes each
   elementwise gradient transposed for its weight update, a slow strided
@@ -411,6 +442,8 @@ def _project_side_by_side(x: Array, parts: list[tuple[Array, Array | None]],
   the shards, so there the P outputs are interleaved along the last axis
   instead, which keeps every column on the shard of its F index.
   """
+  if not backend.cpu_tuning():
+    return _project_each(x, parts, dtype)
   if parallel.logical_axis_size(axis_name) == 1:
     kernel = jnp.concatenate([k for k, _ in parts], axis=-1).astype(dtype)  # [D, P F]
     y = contract(x.astype(dtype), kernel)

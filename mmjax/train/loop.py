@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, parallel
+from mmjax import backend, checkpoint, parallel
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim, step as step_lib, tasks
 
@@ -57,6 +57,7 @@ def setup(config, workdir: str, devices=None):
   """Mesh, task, optimizer, state shardings and checkpointer: what training and
   evaluation share."""
   s = build(config, devices)
+  backend.configure(config.get("cpu_tuning", "auto"), list(s["mesh"].devices.flat))
   s["ckpt"] = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=config.keep_checkpoints,
                                       async_save=config.get("async_checkpoints", True))
