@@ -25,6 +25,13 @@ class CheckpointSaveError(OSError):
   """A save did not complete (disk full, storage gone); earlier steps are intact."""
 
 
+# Orbax splits each replicated array's save across its replicas ("replica
+# parallel"), which costs one compiled slicing program per array and shape on
+# the first save: for small arrays (biases, norms, a test's whole model) that
+# compile takes longer than the write it spreads. Arrays whose share per
+# replica is under this many bytes are written whole by their first replica.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
 # What a finished save leaves in a step folder; a folder missing any is torn.
 _COMPLETE = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
 
@@ -43,6 +50,22 @@ def torn_reason(step_dir: str) -> str | None:
   return None
 
 
+_registered = False
+
+
+def _register_array_handler() -> None:
+  """Orbax's handler for jax.Array, with REPLICA_PARALLEL_MIN_BYTES (once per process)."""
+  global _registered
+  if _registered:
+    return
+  from orbax.checkpoint._src.metadata import array_metadata_store  # the default's store
+  handler = ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  _registered = True
+
+
 class Checkpointer:
   """`save` is asynchronous; `wait` blocks until the last save is on disk.
 
@@ -55,6 +78,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self._saving: int | None = None  # the step of the save in flight
     self._set_aside_torn()
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(

@@ -6,10 +6,16 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmjax import distributed
+from mmjax import compilation_cache, distributed
 
 # Libraries whose INFO lines drown the run's own (orbax logs every file it writes).
 _CHATTY = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/array_record/")
+
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "JAX's persistent compilation cache: 'on' (the folder under ~/.cache/mmjax), a folder, "
+    f"or 'off'; default from ${compilation_cache.ENV} (off when unset)")
 
 
 class _DropChattyInfo(logging.Filter):
@@ -18,6 +24,7 @@ class _DropChattyInfo(logging.Filter):
 
 
 def init_process() -> None:
+  compilation_cache.enable(_COMPILATION_CACHE.value)
   distributed.maybe_initialize()
   absl_logging.set_verbosity(absl_logging.INFO)
   handler = absl_logging.get_absl_handler()

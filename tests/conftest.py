@@ -1,8 +1,12 @@
-"""Test setup: 8 fake CPU devices for mesh tests, set before jax is imported."""
+"""Test setup: 8 fake CPU devices for mesh tests, set before jax is imported;
+JAX's persistent compilation cache on (mmjax.compilation_cache), for this
+process and every process a test starts ($MMJAX_COMPILATION_CACHE=off turns
+it off, a folder moves it)."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MMJAX_COMPILATION_CACHE", "on")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
@@ -10,9 +14,12 @@ if "xla_force_host_platform_device_count" not in flags:
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from mmjax import compilation_cache  # noqa: E402
 from mmjax.models.clip import CLIPConfig  # noqa: E402
 from mmjax.models.text import TextConfig  # noqa: E402
 from mmjax.models.vit import ViTConfig  # noqa: E402
+
+compilation_cache.enable()
 
 
 def tiny_clip_config(**overrides) -> CLIPConfig:

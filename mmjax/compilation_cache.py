@@ -1,0 +1,68 @@
+"""JAX's persistent compilation cache: compiled programs kept on disk, so a
+second run of the same program (a resumed run, the next test, the next process
+of a launch) loads it instead of compiling it again.
+
+It is off unless asked for, in this order:
+- `enable(setting)` with a setting, as the entry points' `--compilation_cache`
+  flag passes it;
+- otherwise the environment variable `MMJAX_COMPILATION_CACHE`.
+
+A setting is "off" (or "0", "false", ""), "on" (or "1", "true": the default
+folder, `$XDG_CACHE_HOME/mmjax/jax`, `~/.cache/mmjax/jax` without it), or a
+folder. The test suite turns it on (tests/conftest.py), and every process it
+starts inherits the variable.
+
+Entries are keyed by the program, the devices' kind and count, the compile
+options and the jax / jaxlib versions, so a stale entry is never used; the
+folder is trimmed to `MAX_BYTES`, least recently used first.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "MMJAX_COMPILATION_CACHE"
+MAX_BYTES = 4 << 30
+# Smaller programs compile faster than their entry is written and read back.
+MIN_COMPILE_SECONDS = 0.2
+
+_OFF = ("", "0", "off", "false", "no")
+_ON = ("1", "on", "true", "yes")
+
+
+def default_dir(environ=os.environ) -> str:
+  base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "mmjax", "jax")
+
+
+def resolve(setting: str | None = None, environ=os.environ) -> str | None:
+  """The cache folder that `setting` (or, when it is None, $MMJAX_COMPILATION_CACHE)
+  asks for; None when the cache is off."""
+  if setting is None:
+    setting = environ.get(ENV, "")
+  value = setting.strip()
+  if value.lower() in _OFF:
+    return None
+  if value.lower() in _ON:
+    return default_dir(environ)
+  return os.path.abspath(os.path.expanduser(value))
+
+
+def enable(setting: str | None = None) -> str | None:
+  """Points JAX's persistent cache at the folder `resolve(setting)` names,
+  creating it; returns that folder, or None (the cache left off). Call it
+  before the first compilation."""
+  path = resolve(setting)
+  if path is None:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"the compilation cache folder {path} (from --compilation_cache or "
+                  f"${ENV}) cannot be created: {e}") from e
+  import jax
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  return path
