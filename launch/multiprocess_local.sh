@@ -52,7 +52,10 @@ stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   if [[ -z "$killer" ]]; then
     # A process blocked in a collective with a dead peer may not act on SIGTERM.
-    (sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done) &
+    # Its output goes nowhere, so that once every process is gone nothing holds
+    # this launcher's stdout and stderr open (a caller reading them sees the end).
+    (sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done) \
+      >/dev/null 2>&1 &
     killer=$!
   fi
 }
