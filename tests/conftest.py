@@ -45,20 +45,16 @@ def init_params(model, *args, seed: int = 0):
 
 
 # Longest first, so that with `-n 2` the multi-process matrix (minutes, one
-# worker) starts at once while the other worker takes the rest. Each of these
-# modules runs whole on one worker (pytest-xdist's loadgroup, set in
-# pyproject.toml): its module-scoped fixture (a trained workdir, the matrix's
-# runs) is then built once, not once per worker.
+# worker) starts at once while the other worker takes the rest. Each module
+# runs whole on one worker (`--dist=loadfile --no-loadscope-reorder` in
+# pyproject.toml), in this order: a module-scoped fixture (a trained workdir,
+# the matrix's runs) is built once, not once per worker.
 HEAVY_FIRST = ("test_multiprocess", "test_recipes", "test_faults", "test_llava", "test_cli",
-               "test_vit_tasks", "test_embed", "test_plan", "test_benchmarks", "test_train")
+               "test_vit_tasks", "test_embed", "test_plan", "test_benchmarks", "test_train",
+               "test_visualize", "test_scale_mesh", "test_llm", "test_layers", "test_parallel")
 
 
 def pytest_collection_modifyitems(config, items):
-  def module(item):
-    return item.module.__name__.rsplit(".", 1)[-1]
-
-  for item in items:
-    if module(item) in HEAVY_FIRST:
-      item.add_marker(pytest.mark.xdist_group(module(item)))
   rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-  items[:] = sorted(items, key=lambda item: rank.get(module(item), len(rank)))
+  items[:] = sorted(items, key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1],
+                                                     len(rank)))
