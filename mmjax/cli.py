@@ -24,8 +24,8 @@ class _DropChattyInfo(logging.Filter):
 
 
 def init_process() -> None:
-  compilation_cache.enable(_COMPILATION_CACHE.value)
   distributed.maybe_initialize()
+  compilation_cache.enable(_COMPILATION_CACHE.value)  # off when several processes run
   absl_logging.set_verbosity(absl_logging.INFO)
   handler = absl_logging.get_absl_handler()
   handler.addFilter(_DropChattyInfo())

@@ -12,6 +12,11 @@ folder, `$XDG_CACHE_HOME/mmjax/jax`, `~/.cache/mmjax/jax` without it), or a
 folder. The test suite turns it on (tests/conftest.py), and every process it
 starts inherits the variable.
 
+It stays off in a run of several processes (`jax.distributed` initialized):
+on one machine they share the folder, and a program that one process loads
+while another compiles it (an entry written in between) runs collectives that
+never meet, and the run hangs. Call `enable` after `jax.distributed.initialize`.
+
 Entries are keyed by the program, the devices' kind and count, the compile
 options and the jax / jaxlib versions, so a stale entry is never used; the
 folder is trimmed to `MAX_BYTES`, least recently used first.
@@ -19,6 +24,7 @@ folder is trimmed to `MAX_BYTES`, least recently used first.
 
 from __future__ import annotations
 
+import logging
 import os
 
 ENV = "MMJAX_COMPILATION_CACHE"
@@ -50,17 +56,21 @@ def resolve(setting: str | None = None, environ=os.environ) -> str | None:
 
 def enable(setting: str | None = None) -> str | None:
   """Points JAX's persistent cache at the folder `resolve(setting)` names,
-  creating it; returns that folder, or None (the cache left off). Call it
-  before the first compilation."""
+  creating it; returns that folder, or None (the cache left off, as it is in a
+  multi-process run). Call it after `jax.distributed.initialize` and before the
+  first compilation."""
   path = resolve(setting)
   if path is None:
+    return None
+  import jax
+  if jax.distributed.is_initialized():
+    logging.info("compilation cache off: this is one of several processes (see %s)", __name__)
     return None
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
     raise OSError(f"the compilation cache folder {path} (from --compilation_cache or "
                   f"${ENV}) cannot be created: {e}") from e
-  import jax
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

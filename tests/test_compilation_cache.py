@@ -83,3 +83,31 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   second = _probe([], {**env, compilation_cache.ENV: str(cache)})
   assert second["hits"] >= 1
   assert second["value"] == first["value"] == off["value"]
+
+
+_MULTI = """
+import jax
+from absl import flags
+from mmjax import cli, compilation_cache
+flags.FLAGS(["probe"])
+cli.init_process()
+print("processes", jax.process_count(), "cache", jax.config.jax_compilation_cache_dir)
+"""
+
+
+def test_it_stays_off_when_several_processes_run(tmp_path):
+  """Processes sharing the folder could mix loaded and compiled programs, whose
+  collectives never meet: with jax.distributed up, the cache stays off."""
+  from multihost_cases import free_port
+  port = free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", MMJAX_COORDINATOR=f"127.0.0.1:{port}",
+             MMJAX_NUM_PROCESSES="2", **{compilation_cache.ENV: str(tmp_path / "cache")})
+  procs = [subprocess.Popen([sys.executable, "-c", _MULTI], cwd=ROOT, text=True,
+                            env={**env, "MMJAX_PROCESS_ID": str(i)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  for p in procs:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "processes 2 cache None" in out, out
+  assert not (tmp_path / "cache").exists()
