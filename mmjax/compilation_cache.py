@@ -1,6 +1,6 @@
 """JAX's persistent compilation cache: compiled programs kept on disk, so a
-second run of the same program (a resumed run, the next test, the next process
-of a launch) loads it instead of compiling it again.
+second run of the same program (a resumed run, an evaluation after training,
+the next test) loads it instead of compiling it again.
 
 It is off unless asked for, in this order:
 - `enable(setting)` with a setting, as the entry points' `--compilation_cache`
