@@ -47,7 +47,7 @@ class Embedder:
     config = workdir_lib.load_config(workdir)
     if config.task != "clip":
       raise ValueError(f"{workdir} holds a {config.task!r} model; mmjax.embed needs a CLIP one")
-    _local_tokenizer(config, workdir)
+    workdir_lib.use_local_tokenizer(config, workdir)
     self.config = config
     self.task = tasks.build_task(config)
     self.tokenizer = self.task.tokenizer
@@ -68,12 +68,13 @@ class Embedder:
   def logit_scale(self) -> float:
     return float(math.exp(min(float(self.params["log_scale"]), clip_lib.MAX_LOG_SCALE)))
 
-  def preprocess(self, path: str) -> np.ndarray:
-    return transforms.preprocess_image(path, self.image_size, self.normalize,
+  def preprocess(self, image) -> np.ndarray:
+    """An image file, PIL image or uint8 array, prepared as the evaluation does."""
+    return transforms.preprocess_image(image, self.image_size, self.normalize,
                                        pad_square=self.pad_square)
 
-  def images(self, paths: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """[N, D] normalised image embeddings."""
+  def images(self, paths: Sequence, batch_size: int = 64) -> np.ndarray:
+    """[N, D] normalised image embeddings of image files (or PIL images, uint8 arrays)."""
     pixels = [self.preprocess(p) for p in paths]
     return self._batched(self._image, np.stack(pixels) if pixels else None, batch_size)
 
@@ -120,17 +121,6 @@ def embed(workdir: str, images: Sequence[str] = (), texts: Sequence[str] = (),
     out["zeroshot_probs"] = e.zeroshot(out["image_embeds"], zeroshot_labels)
     out["zeroshot_labels"] = np.asarray(list(zeroshot_labels), dtype=str)
   return out
-
-
-def _local_tokenizer(config, workdir: str) -> None:
-  """A converted workdir that was moved: use its own tokenizer/ folder."""
-  path = config.data.get("tokenizer")
-  local = os.path.join(workdir, workdir_lib.TOKENIZER_DIR)
-  if path and not os.path.exists(path) and os.path.isdir(local):
-    for name in ("tokenizer.model", "tokenizer.json"):
-      if os.path.exists(os.path.join(local, name)):
-        config.data.tokenizer = os.path.join(local, name)
-        return
 
 
 def _unbox(tree):

@@ -18,6 +18,11 @@ Each model family is a module (`FAMILIES` maps HF architectures to it) with:
   hf_config(cfg, base, dtype) -> dict     the HF config.json of an export
   prepare_export(params, cfg) -> params   folds what HF lacks (a patch bias)
   optional: ignored(cfg), layout(keys)    per-config skips; the file's key prefixes
+  optional: plan_export(workdir, config, cfg) -> plan   checks and plans an export
+            before anything is written (a run trained here: its tokenizer and
+            preprocessing); hf_config and prepare_export then take plan=,
+            write_export_files(out, workdir, plan, params) writes the files;
+            restore_exact(src, config, params) -> params   an import's last step
 """
 
 from __future__ import annotations
@@ -125,6 +130,9 @@ def import_hf(src: str, out: str, mesh=None) -> Any:
       config.source.layout = layout
     params = mapping.load_params(reader, family.rules(model_cfg, layout), abstract,
                                  ignore=ignore)
+  if hasattr(family, "restore_exact"):
+    exact = family.restore_exact(src, config, params)
+    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), exact, params)
   workdir_lib.save(out, config, params)
   if jax.process_index() == 0:
     import json
@@ -152,8 +160,14 @@ def export_hf(workdir: str, out: str, dtype: str | None = None, step: int | None
   if os.path.isdir(out) and any(n.endswith(".safetensors") or n == hf_io.INDEX_NAME
                                 for n in os.listdir(out)):
     raise FileExistsError(f"{out} already holds safetensors weights; export into an empty folder")
+  config = workdir_lib.load_config(workdir)
+  family = family_for_task(config.task)
+  plan, with_plan = None, {}
+  if hasattr(family, "plan_export"):  # fails on what transformers cannot hold, writing nothing
+    plan = family.plan_export(workdir, config, family.model_config(config))
+    with_plan = {"plan": plan}
   mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})  # a 7B fits across devices
-  config, family, model_cfg, params = load_params(workdir, mesh=mesh, step=step)
+  config, family, model_cfg, params = load_params(workdir, family, config, mesh=mesh, step=step)
   source = config.get("source") or {}
   dtype = dtype or source.get("dtype") or "float32"
   np_dtype = _np_dtype(dtype)
@@ -162,8 +176,9 @@ def export_hf(workdir: str, out: str, dtype: str | None = None, step: int | None
   if os.path.exists(base_path):
     with open(base_path) as f:
       base = json.load(f)
-  hf_config = family.hf_config(model_cfg, base=base, dtype=dtype)
-  params = family.prepare_export(mapping.scanned(params), model_cfg)
+  hf_config = family.hf_config(model_cfg, base=base, dtype=dtype, **with_plan)
+  trained = mapping.scanned(params)
+  params = family.prepare_export(trained, model_cfg, **with_plan)
   tensors = mapping.export_tensors(params, family.rules(model_cfg, source.get("layout")), np_dtype)
   if jax.process_index() != 0:
     for _ in tensors:  # every process takes part in gathering the shards
@@ -173,7 +188,10 @@ def export_hf(workdir: str, out: str, dtype: str | None = None, step: int | None
   hf_io.write_safetensors(out, tensors, max_shard_bytes)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
-  hf_io.copy_files(os.path.join(workdir, workdir_lib.TOKENIZER_DIR), out)
+  if plan is not None:
+    family.write_export_files(out, workdir, plan, trained)
+  else:
+    hf_io.copy_files(os.path.join(workdir, workdir_lib.TOKENIZER_DIR), out)
   return hf_config
 
 

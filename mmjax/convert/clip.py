@@ -9,17 +9,27 @@ into the patch rows of the position embedding (exact in real arithmetic).
 Text pooling follows HF: a config with eos_token_id == 2 (checkpoints saved
 before transformers PR #24773, OpenAI's included) pools at the argmax of the
 ids, any other at the first eos_token_id.
+
+A workdir trained here exports with its own tokenizer and preprocessing
+(`plan_export`, `mmjax.convert.hf_tokenizer`). Its sentencepiece EOS is id 2,
+which HF would read as argmax pooling: the export swaps EOS with the last id
+(tokenizer and embedding rows alike). What HF's CLIPModel has no place for (the
+swap, the patch bias before folding) is kept in `mmjax.safetensors`, which
+transformers ignores; a re-import uses it to give back the trained params bit
+for bit, and only while the weights still match it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.convert import common
+from mmjax.convert import common, hf_io, hf_tokenizer
 from mmjax.convert.mapping import (ConversionError, Rule, attention_rules, dense_rules, linear,
                                    norm_rules)
 from mmjax.models import clip as clip_lib
@@ -54,14 +64,45 @@ def vision_from_hf(v: dict, where: str = "vision_config") -> dict[str, Any]:
   return out
 
 
+def vision_unsupported(v: ViTConfig, prefix: str = "model.vision") -> list[str]:
+  """What of this ViT transformers' CLIPVisionModel cannot hold, each with the
+  config key (under `prefix`) that would avoid it."""
+  out = []
+  if v.stem != "linear":
+    out.append(f"a {v.stem} stem ({prefix}.stem={v.stem!r}; CLIP embeds patches linearly: "
+               f"train with {prefix}.stem='linear')")
+  if v.pool != "cls" or v.num_prefix_tokens != 1:
+    out.append(f"{v.pool!r} pooling with {v.num_prefix_tokens} prefix tokens ({prefix}.pool, "
+               f"{prefix}.num_prefix_tokens; CLIP pools its one class token: train with "
+               f"pool='cls', num_prefix_tokens=1)")
+  if not v.pre_norm:
+    out.append(f"no norm after the embeddings ({prefix}.pre_norm=False; CLIP has one: train "
+               f"with {prefix}.pre_norm=True)")
+  if v.num_classes:
+    out.append(f"a classification head ({prefix}.num_classes={v.num_classes}; train with 0)")
+  return out
+
+
+def unsupported(cfg: clip_lib.CLIPConfig) -> list[str]:
+  """What of this CLIP no transformers class holds with the same numbers."""
+  out = vision_unsupported(cfg.vision)
+  if cfg.loss != "softmax":
+    out.append(f"the {cfg.loss} loss's logit bias (model.loss={cfg.loss!r}; transformers' "
+               f"SiglipModel has a bias but a bidirectional text tower pooled at the last "
+               f"token, not this causal one pooled at EOS: train with model.loss='softmax')")
+  return out
+
+
+def _refusal(problems: list[str]) -> str:
+  return ("this model does not export to transformers (no transformers class holds it with "
+          "the same numbers); nothing was written:\n  - " + "\n  - ".join(problems))
+
+
 def vision_to_hf(v: ViTConfig) -> dict[str, Any]:
   """Our ViTConfig -> HF CLIPVisionConfig fields; fails on what CLIP's ViT lacks."""
-  if v.pool != "cls" or v.num_prefix_tokens != 1 or not v.pre_norm or v.stem != "linear" \
-      or v.num_classes:
-    raise ConversionError(
-        f"only a CLIP-style ViT exports to transformers (pool='cls', pre_norm=True, one class "
-        f"token, linear stem, no head); got pool={v.pool!r} pre_norm={v.pre_norm} "
-        f"num_prefix_tokens={v.num_prefix_tokens} stem={v.stem!r} num_classes={v.num_classes}")
+  problems = vision_unsupported(v)
+  if problems:
+    raise ConversionError(_refusal(problems))
   s = v.size
   return {"hidden_size": s["width"], "num_hidden_layers": s["depth"],
           "intermediate_size": s["mlp_dim"], "num_attention_heads": s["num_heads"],
@@ -110,6 +151,9 @@ def model_config(config) -> clip_lib.CLIPConfig:
   """The CLIPConfig that CLIPTask builds from this config (with the text ids explicit)."""
   m, d = config.model, config.data
   text = {k: v for k, v in m.text.items()}
+  if not text.get("vocab_size"):  # a run trained here: the vocabulary of its tokenizer
+    from mmjax.train import tasks
+    text.update(tasks.token_ids(m.text, workdir_tokenizer(config)))
   text.update(context_length=d.context_length, dtype=m.dtype, scan=m.scan, remat=m.remat)
   vision = {k: v for k, v in m.vision.items()}
   vision.update(image_size=d.image_size, dtype=m.dtype, scan=m.scan, remat=m.remat)
@@ -117,15 +161,18 @@ def model_config(config) -> clip_lib.CLIPConfig:
                              embed_dim=m.embed_dim, loss=m.loss)
 
 
-def hf_config(cfg: clip_lib.CLIPConfig, base: dict | None = None, dtype: str = "float32") -> dict:
+def hf_config(cfg: clip_lib.CLIPConfig, base: dict | None = None, dtype: str = "float32",
+              plan: ExportPlan | None = None) -> dict:
   """Our CLIPConfig -> a HF CLIPConfig dict (`base`, the imported one, keeps the
-  fields that do not change the numbers)."""
-  if cfg.loss != "softmax":
-    raise ConversionError(f"model.loss={cfg.loss!r}: only softmax CLIP exports as CLIPModel "
-                          f"(a SigLIP model needs SiglipModel, not supported)")
+  fields that do not change the numbers; `plan` moves the EOS id)."""
+  problems = unsupported(cfg)
+  if problems:
+    raise ConversionError(_refusal(problems))
   t = cfg.text
   if t.pool == "argmax":
     eos = HF_ARGMAX_EOS
+  elif plan is not None and plan.swap:
+    eos = plan.swap[1]
   elif t.eos_id == HF_ARGMAX_EOS:
     raise ConversionError(
         "text.eos_id=2 with pool='eos' cannot be expressed in transformers' CLIPTextModel: it "
@@ -141,6 +188,8 @@ def hf_config(cfg: clip_lib.CLIPConfig, base: dict | None = None, dtype: str = "
                "max_position_embeddings": t.context_length,
                "hidden_act": common.hf_activation(t.act, "text.act"), "layer_norm_eps": t.norm_eps,
                "eos_token_id": eos, "model_type": "clip_text_model"})
+  if plan is not None:
+    text.update(bos_token_id=plan.bos_id, pad_token_id=plan.pad_id)
   text.setdefault("pad_token_id", t.pad_id)
   text.setdefault("bos_token_id", 49406 if t.vocab_size == 49408 else 0)
   vision = dict(base.get("vision_config") or {})
@@ -213,9 +262,150 @@ def fold_patch_bias(vision_params: dict) -> dict:
   return out
 
 
-def prepare_export(params: dict, cfg: clip_lib.CLIPConfig) -> dict:
+def prepare_export(params: dict, cfg: clip_lib.CLIPConfig, plan: ExportPlan | None = None) -> dict:
   del cfg
-  return dict(params, vision=fold_patch_bias(params["vision"]))
+  out = dict(params, vision=fold_patch_bias(params["vision"]))
+  if plan is not None and plan.swap:
+    a, b = plan.swap
+    table = np.array(params["text"]["token_embed"]["embedding"])
+    table[[a, b]] = table[[b, a]]
+    out["text"] = dict(params["text"], token_embed={"embedding": table})
+  return out
+
+
+# -- a workdir trained here: its tokenizer and preprocessing --------------------
+
+SIDECAR = hf_io.SIDECARS[0]  # what CLIPModel has no place for (transformers ignores it)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+  """The files a CLIP export writes beside the weights, worked out before anything is.
+
+  tokenizer: the tokenizer.json dict to write (ids already swapped), or None:
+  the workdir's own tokenizer/ files are copied (an imported workdir).
+  swap: token ids exchanged so that HF pools at EOS (see the module doc).
+  """
+
+  tokenizer: dict | None
+  swap: tuple[int, int] | None
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  context_length: int
+  preprocessor: dict | None
+  spm_model: str | None  # the sentencepiece model the tokenizer came from
+
+
+def workdir_tokenizer(config):
+  """The tokenizer a CLIP workdir was trained with (`data.tokenizer`, else its dataset's)."""
+  from mmjax.data import pipeline
+  try:
+    return pipeline.dataset_tokenizer(config.data)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConversionError(f"the workdir's tokenizer cannot be loaded ({e}); set "
+                          f"data.tokenizer in its config.json to the tokenizer it was trained "
+                          f"with") from e
+
+
+def plan_export(workdir: str, config, cfg: clip_lib.CLIPConfig) -> ExportPlan:
+  """Checks that transformers holds this CLIP (raising, naming each feature it
+  lacks and the config key that avoids it) and works out the tokenizer and
+  preprocessor files of the export. Writes nothing."""
+  from mmjax.convert import workdir as workdir_lib
+  from mmjax.data import pipeline
+  problems = unsupported(cfg)
+  transforms = config.data.get("transforms") or {}
+  if transforms.get("pad_to_square"):
+    problems.append("padding images to a square (data.transforms.pad_to_square=True; "
+                    "CLIPImageProcessor resizes and crops: set it False)")
+  if problems:
+    raise ConversionError(_refusal(problems))
+  t = cfg.text
+  preprocessor = hf_tokenizer.preprocessor_config(cfg.vision.image_size,
+                                                  transforms.get("normalize", "clip"))
+  swap = None
+  if t.pool == "eos" and t.eos_id == HF_ARGMAX_EOS and t.vocab_size - 1 != HF_ARGMAX_EOS:
+    swap = (HF_ARGMAX_EOS, t.vocab_size - 1)
+  if swap is None and (config.get("source") or {}).get("format") == "hf":
+    # An imported workdir: its own tokenizer and processor files, as they came.
+    return ExportPlan(None, None, 0, t.eos_id, t.pad_id, t.context_length, None, None)
+  workdir_lib.use_local_tokenizer(config, workdir)
+  tok = workdir_tokenizer(config)
+  path = pipeline.tokenizer_file(config.data)
+  if os.path.isdir(path):
+    path = next(os.path.join(path, n) for n in ("tokenizer.model", "tokenizer.json")
+                if os.path.exists(os.path.join(path, n)))
+  if path.endswith(".json"):
+    with open(path) as f:
+      data = json.load(f)
+    data["post_processor"] = hf_tokenizer.bos_eos_template(
+        hf_tokenizer.token_name(data, tok.bos_id), tok.bos_id,
+        hf_tokenizer.token_name(data, tok.eos_id), tok.eos_id)
+    spm_model = None
+  else:
+    data, spm_model = hf_tokenizer.from_sentencepiece(path), path
+  if swap:
+    data = hf_tokenizer.swap_ids(data, *swap)
+  moved = lambda i: {swap[0]: swap[1], swap[1]: swap[0]}.get(i, i) if swap else i  # noqa: E731
+  return ExportPlan(data, swap, moved(tok.bos_id), moved(t.eos_id), moved(t.pad_id),
+                    t.context_length, preprocessor, spm_model)
+
+
+def write_export_files(out: str, workdir: str, plan: ExportPlan, params: dict) -> None:
+  """The tokenizer and preprocessor files, and the sidecar of an exact re-import
+  (`params` as trained, before `prepare_export`)."""
+  from mmjax.convert import workdir as workdir_lib
+  if plan.tokenizer is None:
+    hf_io.copy_files(os.path.join(workdir, workdir_lib.TOKENIZER_DIR), out)
+    return
+  hf_tokenizer.write(out, plan.tokenizer, bos_id=plan.bos_id, eos_id=plan.eos_id,
+                     pad_id=plan.pad_id, context_length=plan.context_length)
+  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+    json.dump(plan.preprocessor, f, indent=2)
+  vision = params["vision"]
+  tensors = {"vision.patch_embed.bias": np.asarray(vision["patch_embed"]["bias"]),
+             "vision.pos_embed": np.asarray(vision["pos_embed"])}
+  metadata = {"token_swap": json.dumps(list(plan.swap) if plan.swap else None)}
+  if plan.spm_model:
+    import shutil
+    shutil.copyfile(plan.spm_model, os.path.join(out, hf_tokenizer.SPM_MODEL))
+    metadata["tokenizer"] = hf_tokenizer.SPM_MODEL
+  hf_io.save_file(tensors, os.path.join(out, SIDECAR), metadata=metadata)
+
+
+def restore_exact(src: str, config, params: dict) -> dict:
+  """An import of a folder this module exported: the trained params (patch bias
+  unfolded, token rows back in place) and the sentencepiece tokenizer, where
+  `mmjax.safetensors` is there and the weights still match it."""
+  path = os.path.join(src, SIDECAR)
+  if not os.path.exists(path):
+    return params
+  from safetensors import safe_open
+  with safe_open(path, framework="np") as f:
+    meta = f.metadata() or {}
+    side = {k: f.get_tensor(k) for k in f.keys()}
+  vision = {k: np.asarray(v) for k, v in params["vision"].items() if k == "pos_embed"}
+  bias, pos = side["vision.patch_embed.bias"], side["vision.pos_embed"]
+  folded = fold_patch_bias({"patch_embed": {"bias": bias}, "pos_embed": pos})["pos_embed"]
+  if np.asarray(vision["pos_embed"]).shape != pos.shape or not np.array_equal(
+      np.asarray(folded, vision["pos_embed"].dtype), vision["pos_embed"]):
+    return params  # the weights changed since the export: take them as they are
+  out = dict(params)
+  out["vision"] = dict(params["vision"], pos_embed=pos.astype(vision["pos_embed"].dtype),
+                       patch_embed=dict(params["vision"]["patch_embed"], bias=bias))
+  swap = json.loads(meta.get("token_swap") or "null")
+  tokenizer = meta.get("tokenizer")
+  if swap and tokenizer and os.path.exists(os.path.join(src, tokenizer)):
+    a, b = swap
+    table = np.array(params["text"]["token_embed"]["embedding"])
+    table[[a, b]] = table[[b, a]]
+    out["text"] = dict(params["text"], token_embed={"embedding": table})
+    if config.model.text.eos_id == b:
+      config.model.text.eos_id = a
+    config.data.tokenizer = os.path.join(os.path.dirname(config.data.tokenizer or ""), tokenizer)
+  return out
+
 
 
 # -- the family interface (see mmjax.convert) ---------------------------------

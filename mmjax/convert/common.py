@@ -91,14 +91,14 @@ def preprocessing(src: str, image_size: int, *, pad_default: bool = False) -> di
   where = "preprocessor_config"
   mean = np.asarray(pre.get("image_mean", transforms.CLIP_MEAN), np.float64)
   std = np.asarray(pre.get("image_std", transforms.CLIP_STD), np.float64)
-  if np.allclose(mean, transforms.CLIP_MEAN, atol=1e-6) and np.allclose(
-      std, transforms.CLIP_STD, atol=1e-6):
-    out["normalize"] = "clip"
-  elif np.allclose(mean, 0.5) and np.allclose(std, 0.5):
-    out["normalize"] = "minus_one_one"
+  from mmjax.convert.hf_tokenizer import NORMALIZATION
+  for mode, (m, sd) in NORMALIZATION.items():
+    if np.allclose(mean, m, atol=1e-6) and np.allclose(std, sd, atol=1e-6):
+      out["normalize"] = mode
+      break
   else:
     raise ConversionError(f"{where}.image_mean/image_std = {mean.tolist()}/{std.tolist()} is "
-                          f"not a supported normalisation (CLIP's or 0.5/0.5)")
+                          f"not a supported normalisation: {NORMALIZATION}")
   if not pre.get("do_normalize", True) or not pre.get("do_rescale", True):
     raise ConversionError(f"{where}: do_normalize / do_rescale false is not supported")
   if pre.get("resample", 3) != 3:

@@ -22,6 +22,8 @@ import numpy as np
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+# Written beside the weights by an mmjax export, never read as model tensors.
+SIDECARS = ("mmjax.safetensors",)
 
 # Tokenizer and processor files copied along with a model (whichever exist).
 TOKENIZER_FILES = (
@@ -50,7 +52,8 @@ class SafetensorsReader:
       with open(index) as f:
         self._file_of = dict(json.load(f)["weight_map"])
     else:
-      files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+      files = sorted(n for n in os.listdir(directory)
+                     if n.endswith(".safetensors") and n not in SIDECARS)
       if not files:
         raise FileNotFoundError(
             f"{directory} holds no *.safetensors weights (PyTorch .bin files are not read: "

@@ -33,6 +33,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def use_local_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A converted workdir that was moved: point data.tokenizer at its own tokenizer/ folder."""
+  path = config.data.get("tokenizer")
+  local = os.path.join(workdir, TOKENIZER_DIR)
+  if path and not os.path.exists(path) and os.path.isdir(local):
+    for name in ("tokenizer.model", "tokenizer.json"):
+      if os.path.exists(os.path.join(local, name)):
+        config.data.tokenizer = os.path.join(local, name)
+        return
+
+
 def save(workdir: str, config: ml_collections.ConfigDict, params: Any, seed: int = 0) -> None:
   """Writes config.json and checkpoint 0 (params, no optimizer state)."""
   from mmjax.train.step import TrainState

@@ -192,12 +192,17 @@ def held_out_labels(data_cfg) -> list[int]:
 
 def dataset_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer:
   """`data.tokenizer` if set, else the tokenizer prepared with an embedded dataset."""
+  return tokenizer_lib.load_tokenizer(tokenizer_file(data_cfg))
+
+
+def tokenizer_file(data_cfg) -> str:
+  """The file `dataset_tokenizer` loads (a folder holding one, for `data.tokenizer`)."""
   if _opt(data_cfg, "tokenizer"):
-    return tokenizer_lib.load_tokenizer(data_cfg.tokenizer)
+    return data_cfg.tokenizer
   if data_cfg.name not in builders.EMBEDDED:
     raise ValueError(f"dataset {data_cfg.name!r} ships no tokenizer: set data.tokenizer to a "
                      f"sentencepiece .model or a tokenizer.json")
-  return tokenizer_lib.load_tokenizer(builders.tokenizer_path(_builder(data_cfg)))
+  return builders.tokenizer_path(_builder(data_cfg))
 
 
 def make_source(data_cfg, split: str):

@@ -74,6 +74,15 @@ def _dataclass_from(cls, cfg, **overrides):
   return cls(**values)
 
 
+def token_ids(text_cfg, tokenizer) -> dict[str, int]:
+  """The text tower's vocabulary size, EOS and pad ids: the config's where it
+  sets them (an imported checkpoint names the EOS its tower pools at), else the
+  tokenizer's (model.text.vocab_size 0: "the tokenizer's")."""
+  return dict(vocab_size=text_cfg.get("vocab_size") or tokenizer.vocab_size,
+              eos_id=text_cfg.get("eos_id", tokenizer.eos_id),
+              pad_id=text_cfg.get("pad_id", tokenizer.pad_id))
+
+
 @register("clip")
 class CLIPTask:
   """Contrastive image-text pretraining (softmax InfoNCE or SigLIP)."""
@@ -88,17 +97,14 @@ class CLIPTask:
     m = config.model
     self.tokenizer = pipeline.dataset_tokenizer(config.data) if with_data else None
     if self.tokenizer is not None:
-      # An imported checkpoint names its own EOS id (the one its text tower pools at).
-      token_ids = dict(vocab_size=m.text.get("vocab_size") or self.tokenizer.vocab_size,
-                       eos_id=m.text.get("eos_id", self.tokenizer.eos_id),
-                       pad_id=m.text.get("pad_id", self.tokenizer.pad_id))
+      ids = token_ids(m.text, self.tokenizer)
     elif m.text.get("vocab_size"):
-      token_ids = dict(vocab_size=m.text.vocab_size)
+      ids = dict(vocab_size=m.text.vocab_size)
     else:
       raise ValueError("CLIPTask without data needs --config.model.text.vocab_size "
                        "(49408 for OpenAI's BPE)")
     text_cfg = _dataclass_from(
-        TextConfig, m.text, **token_ids, context_length=config.data.context_length,
+        TextConfig, m.text, **ids, context_length=config.data.context_length,
         dtype=m.dtype, scan=m.scan, remat=m.remat)
     vision_cfg = _dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
                                  dtype=m.dtype, scan=m.scan, remat=m.remat)
