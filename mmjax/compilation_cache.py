@@ -19,13 +19,18 @@ never meet, and the run hangs. Call `enable` after `jax.distributed.initialize`.
 
 Entries are keyed by the program, the devices' kind and count, the compile
 options and the jax / jaxlib versions, so a stale entry is never used; the
-folder is trimmed to `MAX_BYTES`, least recently used first.
+folder is trimmed to `MAX_BYTES`, least recently used first. The key does not
+name the host's instruction set, which XLA:CPU compiles for, so each kind of
+host (a home folder shared by several machines) writes its own subfolder,
+`host_tag()`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 
 ENV = "MMJAX_COMPILATION_CACHE"
 MAX_BYTES = 4 << 30
@@ -54,14 +59,29 @@ def resolve(setting: str | None = None, environ=os.environ) -> str | None:
   return os.path.abspath(os.path.expanduser(value))
 
 
+def host_tag() -> str:
+  """The machine type and a digest of its CPU's features (/proc/cpuinfo)."""
+  features = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      features = next((line.split(":", 1)[1].strip() for line in f
+                       if line.startswith(("flags", "Features"))), "")
+  except OSError:
+    pass
+  machine = platform.machine() or "host"
+  digest = hashlib.sha256(f"{machine} {platform.processor()} {features}".encode()).hexdigest()
+  return f"{machine}-{digest[:12]}"
+
+
 def enable(setting: str | None = None) -> str | None:
-  """Points JAX's persistent cache at the folder `resolve(setting)` names,
-  creating it; returns that folder, or None (the cache left off, as it is in a
-  multi-process run). Call it after `jax.distributed.initialize` and before the
-  first compilation."""
-  path = resolve(setting)
-  if path is None:
+  """Points JAX's persistent cache at this host's subfolder of the folder
+  `resolve(setting)` names, creating it; returns that subfolder, or None (the
+  cache left off, as it is in a multi-process run). Call it after
+  `jax.distributed.initialize` and before the first compilation."""
+  base = resolve(setting)
+  if base is None:
     return None
+  path = os.path.join(base, host_tag())
   import jax
   if jax.distributed.is_initialized():
     logging.info("compilation cache off: this is one of several processes (see %s)", __name__)

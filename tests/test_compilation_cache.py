@@ -34,6 +34,13 @@ def test_the_default_folder_is_outside_the_work_tree(monkeypatch, tmp_path):
   assert not compilation_cache.default_dir().startswith(ROOT)
 
 
+def test_the_host_tag_names_the_machine_and_its_cpu(monkeypatch):
+  tag = compilation_cache.host_tag()
+  assert tag == compilation_cache.host_tag() and "/" not in tag
+  monkeypatch.setattr(compilation_cache.platform, "processor", lambda: "another cpu")
+  assert compilation_cache.host_tag() != tag
+
+
 def test_a_folder_that_cannot_be_made_is_named(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
@@ -79,7 +86,9 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
   off = _probe([], env)  # no flag, no variable: no cache
   assert off["hits"] == 0 and not cache.exists()
   first = _probe([f"--compilation_cache={cache}"], env)
-  assert first["hits"] == 0 and os.listdir(cache)
+  # Entries go to this kind of host's subfolder (XLA:CPU compiles for its CPU).
+  assert first["hits"] == 0 and os.listdir(cache) == [compilation_cache.host_tag()]
+  assert os.listdir(cache / compilation_cache.host_tag())
   second = _probe([], {**env, compilation_cache.ENV: str(cache)})
   assert second["hits"] >= 1
   assert second["value"] == first["value"] == off["value"]
