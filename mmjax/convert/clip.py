@@ -266,11 +266,14 @@ def prepare_export(params: dict, cfg: clip_lib.CLIPConfig, plan: ExportPlan | No
   del cfg
   out = dict(params, vision=fold_patch_bias(params["vision"]))
   if plan is not None and plan.swap:
-    a, b = plan.swap
-    table = np.array(params["text"]["token_embed"]["embedding"])
-    table[[a, b]] = table[[b, a]]
-    out["text"] = dict(params["text"], token_embed={"embedding": table})
+    out["text"] = _swap_token_rows(params["text"], *plan.swap)
   return out
+
+
+def _swap_token_rows(text_params: dict, a: int, b: int) -> dict:
+  table = np.array(text_params["token_embed"]["embedding"])
+  table[[a, b]] = table[[b, a]]
+  return dict(text_params, token_embed={"embedding": table})
 
 
 # -- a workdir trained here: its tokenizer and preprocessing --------------------
@@ -385,27 +388,26 @@ def restore_exact(src: str, config, params: dict) -> dict:
   with safe_open(path, framework="np") as f:
     meta = f.metadata() or {}
     side = {k: f.get_tensor(k) for k in f.keys()}
-  vision = {k: np.asarray(v) for k, v in params["vision"].items() if k == "pos_embed"}
+  imported = np.asarray(params["vision"]["pos_embed"])
   bias, pos = side["vision.patch_embed.bias"], side["vision.pos_embed"]
   folded = fold_patch_bias({"patch_embed": {"bias": bias}, "pos_embed": pos})["pos_embed"]
-  if np.asarray(vision["pos_embed"]).shape != pos.shape or not np.array_equal(
-      np.asarray(folded, vision["pos_embed"].dtype), vision["pos_embed"]):
+  if imported.shape != pos.shape or not np.array_equal(
+      np.asarray(folded, imported.dtype), imported):
     return params  # the weights changed since the export: take them as they are
   out = dict(params)
-  out["vision"] = dict(params["vision"], pos_embed=pos.astype(vision["pos_embed"].dtype),
+  out["vision"] = dict(params["vision"], pos_embed=pos.astype(imported.dtype),
                        patch_embed=dict(params["vision"]["patch_embed"], bias=bias))
   swap = json.loads(meta.get("token_swap") or "null")
   tokenizer = meta.get("tokenizer")
-  if swap and tokenizer and os.path.exists(os.path.join(src, tokenizer)):
+  spm = os.path.join(src, tokenizer) if tokenizer else None
+  if swap and spm and config.data.tokenizer and os.path.exists(spm):
     a, b = swap
-    table = np.array(params["text"]["token_embed"]["embedding"])
-    table[[a, b]] = table[[b, a]]
-    out["text"] = dict(params["text"], token_embed={"embedding": table})
+    out["text"] = _swap_token_rows(params["text"], a, b)
     if config.model.text.eos_id == b:
       config.model.text.eos_id = a
-    config.data.tokenizer = os.path.join(os.path.dirname(config.data.tokenizer or ""), tokenizer)
+    # The copy of the export's tokenizer.model beside the tokenizer.json in use.
+    config.data.tokenizer = os.path.join(os.path.dirname(config.data.tokenizer), tokenizer)
   return out
-
 
 
 # -- the family interface (see mmjax.convert) ---------------------------------
