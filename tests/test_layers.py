@@ -9,6 +9,7 @@ import pytest
 from scipy.special import erf
 
 from conftest import init_params
+from mmjax import backend
 from mmjax.models import layers
 
 
@@ -332,6 +333,69 @@ def test_remat_gives_the_same_gradients(policy, scan):
   g_plain = jax.jit(jax.grad(loss(plain)))(params)
   g_remat = jax.jit(jax.grad(loss(remat)))(params)
   chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-4, atol=1e-4)  # float32 round-off
+
+
+def _saved(policy, act="gelu", cpu_tuning=False):
+  """What a one-block stack under `policy` keeps for the backward, besides its
+  arguments: [(shape, name or the op that made it)]."""
+  from jax._src import ad_checkpoint
+  block = dict(num_heads=2, head_dim=4, mlp_dim=24, act=act)
+  model = layers.Stack(depth=1, block_kwargs=block, scan=False, remat=policy)
+  x = jnp.ones((2, 5, 8))
+  with backend.cpu_tuning_as(cpu_tuning):
+    params = model.init(jax.random.key(0), x)
+    saved = ad_checkpoint.saved_residuals(lambda p, x: model.apply(p, x)[0].sum(), params, x)
+  out = []
+  for aval, what in saved:
+    if what.startswith("from the argument"):
+      continue
+    name = what.split("'")[1] if what.startswith("named '") else what.split(" from ")[0]
+    out.append((aval.shape, name))
+  return sorted(out)
+
+
+# [B, T] = [2, 5], D = 8, N = 2 heads of H = 4, F = 24.
+QKV, ATTN, RESID = [((2, 5, 2, 4), "qkv")] * 3, [((2, 5, 2, 4), "attn_out")], ((2, 5, 8), "residual")
+
+
+@pytest.mark.parametrize("policy, act, saved", [
+    ("full", "gelu", []),
+    ("nothing_saveable", "gelu", []),
+    ("save_attention", "gelu", sorted(QKV + ATTN)),
+    ("save_all_but_mlp_hidden", "gelu", sorted(QKV + ATTN + [RESID, ((2, 5, 8), "mlp_in")])),
+    ("save:mlp_hidden", "gelu", [((2, 5, 24), "mlp_hidden")]),
+    ("save:mlp_hidden", "swiglu", [((2, 5, 24), "mlp_hidden")] * 2),
+    ("save:residual,qkv", "gelu", sorted(QKV + [RESID])),
+    # The weight matmuls' outputs that the backward reads: q/k/v (one matmul),
+    # the attention's projection and fc1 (fc2's output is only added).
+    ("dots_no_batch", "gelu", sorted([((2, 5, 3, 2, 4), "output of dot_general"),
+                                     ((2, 5, 8), "output of dot_general"),
+                                     ((2, 5, 24), "output of dot_general")])),
+    # ... and the attention's batched ones: the scores and the weighted sum.
+    ("dots", "gelu", sorted([((2, 5, 3, 2, 4), "output of dot_general"),
+                            ((2, 5, 8), "output of dot_general"),
+                            ((2, 5, 24), "output of dot_general"),
+                            ((2, 2, 5, 5), "output of dot_general"),
+                            ((2, 2, 5, 4), "output of dot_general")])),
+])
+def test_remat_policies_save_what_they_name(policy, act, saved):
+  assert _saved(policy, act) == saved
+
+
+def test_named_remat_needs_known_names():
+  for bad in ("save:qkv,scores", "save:"):
+    with pytest.raises(ValueError, match="a block names"):
+      layers.remat_policy(bad)
+
+
+@pytest.mark.parametrize("policy", ["save_attention", "save:mlp_hidden,residual"])
+def test_named_remat_gives_the_same_gradients(policy):
+  plain, x = _stack_io(scan=True)
+  remat, _ = _stack_io(scan=True, remat=policy)
+  params = {"params": init_params(plain, x)}
+  grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply(p, x)[0] ** 2)))(params)
+           for m in (plain, remat)]
+  chex.assert_trees_all_close(*grads, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -94,3 +94,22 @@ def test_tpu_topology_plan_runs_here_and_fails_when_it_does_not_fit(tmp_path):
   assert out.returncode == 1, out.stderr[-3000:]
   assert "(4 chips)" in out.stdout and "DOES NOT FIT" in out.stdout
   assert "{'data': 1, 'fsdp': 4, 'tensor': 1}" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e '.[tpu-plan]')")
+def test_the_flagship_l14_step_fits_a_v5p_64_with_room(tmp_path):
+  """CLIP ViT-L/14 at batch 32768 on v5p:4x4x4 (512 pairs per chip), compiled
+  for the chips with the remat policy its config names: at most 80% of HBM."""
+  import json
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  path = tmp_path / "plan.json"
+  cmd = [sys.executable, "-m", "mmjax.plan", "--config=experiments/clip_vit_l14.py",
+         "--config.batch_size=32768", "--topology=v5p:4x4x4", f"--json={path}"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  report = json.loads(path.read_text())
+  assert report["devices"] == 64 and report["global_batch"] == 32768
+  share = report["per_chip_bytes"]["total"] / report["hbm_bytes"]
+  assert report["fits"] and share <= 0.8, f"{share:.0%} of HBM per chip"

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mmjax import backend, parallel
 
@@ -512,6 +513,7 @@ class Attention(nn.Module):
     else:
       (q,), (k, v) = _project(x, parts[:1], self.dtype), _project(x, parts[1:], self.dtype)
     q = constrain(q, ("act_batch", "act_len", "act_heads", "act_kv"))
+    q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
     if self.rope_theta is not None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -539,6 +541,7 @@ class Attention(nn.Module):
     q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
                                 self.attention_impl)
+    out = checkpoint_name(out, "attn_out")  # [B, T, N, H]
     out = DenseND((x.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                   dtype=self.dtype, name="out")(out)
     return out, new_cache
@@ -579,12 +582,12 @@ class MLP(nn.Module):
       proj = functools.partial(_Projection, (self.hidden_dim,), ("embed", "mlp"), self.use_bias)
       gate, up = _project_side_by_side(x, [proj(name="gate")(d), proj(name="up")(d)],
                                        self.dtype, "mlp")
-      h = swiglu(gate, up)
+      h = swiglu(checkpoint_name(gate, "mlp_hidden"), checkpoint_name(up, "mlp_hidden"))
     else:
       h = dense(self.hidden_dim, name="fc1",
                 kernel_init=_part(init, ("embed", "mlp")),
                 bias_init=_part(nn.initializers.zeros, ("mlp",)))(x)
-      h = activation(self.act)(h)
+      h = activation(self.act)(checkpoint_name(h, "mlp_hidden"))
     h = constrain(h, ("act_batch", "act_len", "act_mlp"))
     return dense(d, name="fc2" if self.act != "swiglu" else "down",
                  kernel_init=_part(init, ("mlp", "embed")),
@@ -622,11 +625,18 @@ class Block(nn.Module):
         name="attn")(h, mask, positions, cache, query_index)
     if query_index is not None:
       x = take_rows(x, query_index)
-    x = act_constrain(x + h)
-    h = make_norm(self.norm, self.norm_eps, self.dtype, name="norm2")(x)
+    x = checkpoint_name(act_constrain(x + h), "residual")
+    h = checkpoint_name(make_norm(self.norm, self.norm_eps, self.dtype, name="norm2")(x), "mlp_in")
     h = MLP(self.mlp_dim, act=self.act, use_bias=self.use_bias, dtype=self.dtype, name="mlp")(h)
     return act_constrain(x + h), new_cache
 
+
+# The activations a block names (jax.ad_checkpoint.checkpoint_name), for a
+# remat policy to keep: q, k and v after their projection [B, T, N, H] each;
+# the attention's output before its projection [B, T, N, H]; the residual
+# stream after attention [B, T, D]; the MLP's input (after its norm) [B, T, D]
+# and its hidden layer before the activation [B, T, F] (gate and up, SwiGLU).
+REMAT_NAMES = ("qkv", "attn_out", "residual", "mlp_in", "mlp_hidden")
 
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole block
@@ -634,11 +644,31 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
 }
+# Presets that keep named activations ("save:NAME,..." keeps any list).
+REMAT_SAVE_PRESETS: dict[str, tuple[str, ...]] = {
+    # The attention's projections and output: the backward recomputes the norms,
+    # the scores and the MLP (whose hidden layer is the largest activation).
+    "save_attention": ("qkv", "attn_out"),
+    # Every weight matmul's input or output but the MLP hidden layer.
+    "save_all_but_mlp_hidden": ("qkv", "attn_out", "residual", "mlp_in"),
+}
 
 
 def remat_policy(name: str):
+  """A policy for jax.checkpoint: "full", "dots", "dots_no_batch",
+  "nothing_saveable", a preset of REMAT_SAVE_PRESETS, or "save:NAME,NAME"
+  keeping the named activations (REMAT_NAMES) and recomputing the rest."""
+  if name.startswith("save:") or name in REMAT_SAVE_PRESETS:
+    names = REMAT_SAVE_PRESETS.get(name) or tuple(n for n in name[5:].split(",") if n)
+    unknown = sorted(set(names) - set(REMAT_NAMES))
+    if unknown or not names:
+      raise ValueError(f"remat {name!r}: unknown activation names {unknown}; a block names "
+                       f"{list(REMAT_NAMES)}")
+    return jax.checkpoint_policies.save_only_these_names(*names)
   if name not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {name!r}; choose 'none' or one of {sorted(REMAT_POLICIES)}")
+    raise ValueError(f"unknown remat policy {name!r}; choose 'none', one of "
+                     f"{sorted(REMAT_POLICIES) + sorted(REMAT_SAVE_PRESETS)}, or "
+                     f"'save:NAME,...' with names from {list(REMAT_NAMES)}")
   return REMAT_POLICIES[name]
 
 
