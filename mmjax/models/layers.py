@@ -36,6 +36,23 @@ def act_constrain(x: Array) -> Array:
   return constrain(x, ("act_batch", "act_len", "act_embed"))
 
 
+class Embed(nn.Embed):
+  """A token embedding whose lookup reads the table whole along `embed`.
+
+  The table is sharded on `embed` (fsdp); a gather from it would give [B, T, D]
+  activations sharded on D, which XLA's partitioner cannot turn into the
+  batch sharding of the residual stream, nor the gradient back, without
+  replicating them ("Involuntary full rematerialization"). Gathering the table
+  first, as FSDP does for every weight, keeps the lookup batch-sharded.
+  """
+
+  def __call__(self, inputs: Array) -> Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError("token ids must be integers")
+    table = constrain(jnp.asarray(self.embedding, self.dtype), ("vocab", None))
+    return jnp.take(table, inputs, axis=0)
+
+
 # --------------------------------------------------------------------------
 # Activations and norms.
 

@@ -159,7 +159,7 @@ class LLM(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    self.embed_tokens = nn.Embed(
+    self.embed_tokens = layers.Embed(
         cfg.vocab_size, cfg.width, dtype=dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")))

@@ -110,7 +110,7 @@ class TextTransformer(nn.Module):
     b, t = ids.shape
     if t > cfg.context_length:
       raise ValueError(f"text of length {t} exceeds the context length {cfg.context_length}")
-    tok = nn.Embed(cfg.vocab_size, width, dtype=dtype, name="token_embed",
+    tok = layers.Embed(cfg.vocab_size, width, dtype=dtype, name="token_embed",
                    embedding_init=nn.with_logical_partitioning(
                        nn.initializers.normal(0.02), ("vocab", "embed")))(ids)
     pos = self.param("pos_embed", nn.with_logical_partitioning(
