@@ -144,7 +144,8 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
   # The layers' forms for the target's platform, not this host's (mmjax.backend).
   tuned = backend.choose(config.get("cpu_tuning", "auto"), devices)
   with parallel.activate(mesh, rules), backend.cpu_tuning_as(tuned):
-    compiled = jitted.lower(state_in, batch_in).compile()
+    traced = jitted.trace(state_in, batch_in)
+    compiled = traced.lower().compile()
   compile_s = time.perf_counter() - start
 
   mem = compiled.memory_analysis()
@@ -179,6 +180,7 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
       "trained_params": int(sum(jax.tree.leaves(trained))),
       "per_chip_bytes": {k: int(v) for k, v in per_chip.items()},
       "flops_per_chip": float(cost.get("flops", 0.0)) if cost else None,
+      "step_flops_per_chip": jaxpr_flops(traced.jaxpr.jaxpr) / n,
       "model_flops_per_chip": task.flops_per_example() * config.batch_size / n,
       "peak_flops": chip.peak_flops,
       "collectives": collectives(hlo),
@@ -187,6 +189,37 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
       "fits": None if chip.hbm_bytes is None else per_chip["total"] <= chip.hbm_bytes,
       "compile_seconds": round(compile_s, 1),
   }
+
+
+def jaxpr_flops(jaxpr, times: float = 1.0) -> float:
+  """FLOPs of the matmuls (dot_general, convolutions) in a jaxpr, 2 per
+  multiply-add: a scan's body times its length, a cond's costliest branch, a
+  while loop's body once. In a train step's jaxpr the backward pass and what
+  remat recomputes are explicit, so this is the work the step asks for
+  (XLA's cost analysis of the compiled program counts a loop body once)."""
+  from jax.extend import core as jcore
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+    if name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += times * 2.0 * math.prod(out) * math.prod(lhs[i] for i in contracting)
+    elif name == "conv_general_dilated":  # each output: the kernel of one output feature
+      rhs = eqn.invars[1].aval.shape
+      out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += times * 2.0 * math.prod(out) * math.prod(rhs) / out_features
+    subs = [x.jaxpr if isinstance(x, jcore.ClosedJaxpr) else x
+            for value in eqn.params.values()
+            for x in (value if isinstance(value, (tuple, list)) else (value,))
+            if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr))]
+    if name == "cond":
+      total += max((jaxpr_flops(j, times) for j in subs), default=0.0)
+    else:
+      inner = times * (eqn.params["length"] if name == "scan" else 1)
+      total += sum(jaxpr_flops(j, inner) for j in subs)
+  return total
 
 
 def _task_without_data(config):
@@ -294,14 +327,16 @@ def format_report(r: dict[str, Any]) -> str:
                  f"HBM ({100 * pc['total'] / r['hbm_bytes']:.0f}%): {verdict}")
   else:
     lines.append(f"  total                 {gib(pc['total'])}   (no HBM size: give --hbm_gib)")
-  flops = r["flops_per_chip"]
-  line = f"FLOPs per step per chip: {flops:.3g} compiled (XLA's count)" if flops else \
-      "FLOPs per step per chip: (no cost analysis)"
-  line += f", {r['model_flops_per_chip']:.3g} model (6N, no remat)"
-  if r["peak_flops"]:
-    line += (f"; at {r['peak_flops'] / 1e12:.0f} TFLOP/s peak the model FLOPs take "
-             f"{r['model_flops_per_chip'] / r['peak_flops']:.3f} s")
+  flops, step, model = r["flops_per_chip"], r["step_flops_per_chip"], r["model_flops_per_chip"]
+  line = (f"FLOPs per step per chip: {step:.3g} in the step's matmuls (backward and remat "
+          f"included), {model:.3g} model (6N, no remat; {model / step:.0%} of the step's)")
+  if flops:
+    line += f", {flops:.3g} XLA's count (a loop body once)"
   lines.append(line)
+  if r["peak_flops"]:
+    lines.append(f"at {r['peak_flops'] / 1e12:.0f} TFLOP/s peak the step's matmuls take "
+                 f"{step / r['peak_flops']:.3f} s (compute bound only: memory and network "
+                 f"time not modelled)")
   lines.append("collectives in the program (count, largest result per chip):")
   for kind, c in r["collectives"].items():
     lines.append(f"  {kind:20s} {c['count']:4d}  {c['largest_bytes'] / (1 << 20):10.1f} MiB")

@@ -52,6 +52,32 @@ def test_accelerator_type_counts_cores_where_the_chip_has_two():
   assert plan._accelerator_type("v5e:4x4", "v5e") == "v5e-16"
 
 
+def test_jaxpr_flops_count_scanned_layers_and_remat():
+  """A scanned stack counts as the unrolled one; remat's recomputation adds
+  forward work; a conv counts its kernel per output feature."""
+  import jax.numpy as jnp
+  from mmjax.models import layers
+  x = jnp.ones((4, 16, 16))
+
+  def step_flops(scan, remat):
+    m = layers.Stack(depth=3, block_kwargs=dict(num_heads=2, head_dim=8, mlp_dim=64), scan=scan,
+                     remat=remat)
+    params = m.init(jax.random.key(0), x)
+    grad = jax.jit(jax.grad(lambda p: m.apply(p, x)[0].sum()))
+    return plan.jaxpr_flops(grad.trace(params).jaxpr.jaxpr)
+
+  plain = step_flops(True, "none")
+  # One block's matmuls, forward: q/k/v/out 4*(2*64*16*16), scores and sum
+  # 2*(2*4*2*16*16*8), the MLP 2*(2*64*16*64); the backward twice that.
+  forward = 4 * 2 * 64 * 16 * 16 + 2 * 2 * 4 * 2 * 16 * 16 * 8 + 2 * 2 * 64 * 16 * 64
+  assert plain == step_flops(False, "none") == 3 * 3 * forward
+  assert step_flops(True, "full") > step_flops(True, "save_attention") > plain
+  conv = jax.make_jaxpr(lambda a, k: jax.lax.conv_general_dilated(
+      a, k, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))(
+          jnp.ones((2, 32, 32, 3)), jnp.ones((4, 4, 3, 64)))
+  assert plan.jaxpr_flops(conv.jaxpr) == 2 * (2 * 8 * 8 * 64) * (4 * 4 * 3)
+
+
 def _tiny(**overrides):
   c = clip_shapes.get_config("runlocal=true")
   c.model.vision.variant, c.model.text.size, c.model.embed_dim = "tiny/8", "tiny", 16
@@ -78,6 +104,9 @@ def test_cpu_plan_of_the_chunked_loss_has_no_batch_by_batch_buffer():
   assert 0 < pc["params"] < 4 * report["params"]  # sharded: under one float32 copy
   assert pc["total"] >= pc["temporaries"] and report["model_flops_per_chip"] > 0
   assert "B x B (40 x 40) buffers on one chip: none" in plan.format_report(report)
+  # No remat: the step's matmuls are the model's count (6N and attention).
+  model = report["model_flops_per_chip"]
+  assert 0.95 * model <= report["step_flops_per_chip"] <= 1.1 * model
 
 
 @pytest.mark.slow
