@@ -329,7 +329,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  total                 {gib(pc['total'])}   (no HBM size: give --hbm_gib)")
   flops, step, model = r["flops_per_chip"], r["step_flops_per_chip"], r["model_flops_per_chip"]
   line = (f"FLOPs per step per chip: {step:.3g} in the step's matmuls (backward and remat "
-          f"included), {model:.3g} model (6N, no remat; {model / step:.0%} of the step's)")
+          f"included), {model:.3g} model (6N, no remat; {model / max(step, 1.0):.0%} of the "
+          f"step's)")
   if flops:
     line += f", {flops:.3g} XLA's count (a loop body once)"
   lines.append(line)

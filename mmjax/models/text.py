@@ -111,8 +111,8 @@ class TextTransformer(nn.Module):
     if t > cfg.context_length:
       raise ValueError(f"text of length {t} exceeds the context length {cfg.context_length}")
     tok = layers.Embed(cfg.vocab_size, width, dtype=dtype, name="token_embed",
-                   embedding_init=nn.with_logical_partitioning(
-                       nn.initializers.normal(0.02), ("vocab", "embed")))(ids)
+                       embedding_init=nn.with_logical_partitioning(
+                           nn.initializers.normal(0.02), ("vocab", "embed")))(ids)
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), ("pos", "embed")), (cfg.context_length, width), jnp.float32)
     x = layers.act_constrain(tok + pos[:t].astype(dtype)[None])
