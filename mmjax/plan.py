@@ -3,11 +3,15 @@
 Compiles the real sharded train step ahead of time for a TPU topology on this
 (CPU) machine, with no TPU and no data, and reports per chip: memory
 (arguments, outputs, temporaries; total against the chip's HBM), the train
-state's share (params, optimizer), FLOPs per step, and the collectives in the
-compiled program. Exits 1 when the step does not fit in HBM.
+state's share (params, optimizer), FLOPs per step, the collectives in the
+compiled program, and a roofline: the step's lower bound from compute, HBM
+traffic and network traffic at the chip's public peaks, the bound that
+dominates and the predicted MFU (mmjax.roofline). Exits 1 when the step does
+not fit in HBM.
 
   --topology=v5p:4x4x4 [--num_slices=2]   a TPU pod slice (needs libtpu: pip install -e '.[tpu-plan]')
   --devices=8 [--hbm_gib=16]              N fake CPU devices instead (fits only with --hbm_gib)
+  --sweep                                 every mesh preset and data x fsdp split, side by side
   --json=PATH                             the numbers as JSON as well
 
 The mesh and the rules come from the config (e.g. --config.mesh.preset=fsdp), so
@@ -17,11 +21,11 @@ config alone (with_data=False): no dataset or tokenizer needs to exist here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -32,7 +36,7 @@ from absl import app, flags, logging
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from mmjax import backend, parallel
+from mmjax import backend, parallel, roofline
 from mmjax.train import loop, optim, step as step_lib, tasks
 from mmjax.train import metrics as metrics_lib
 
@@ -43,27 +47,14 @@ _DEVICES = flags.DEFINE_integer("devices", 0, "plan for N fake CPU devices inste
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "memory per chip in GiB (default: the chip's HBM)")
 _JSON = flags.DEFINE_string("json", None, "also write the plan as JSON here")
 _TOP = flags.DEFINE_integer("top", 5, "how many of the largest buffers to list")
+_SWEEP = flags.DEFINE_bool("sweep", False, "plan each mesh preset and data x fsdp split that "
+                            "fits the chips; print them side by side, best predicted MFU first")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "write the compiled (per-chip) HLO text here")
 flags.mark_flags_as_required(["config"])
 
-GIB = 1 << 30
-# User-allocatable HBM per chip (GiB), by the version in the topology name.
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+GIB = roofline.GIB
+Chip = roofline.Chip
 OPENAI_BPE_VOCAB = 49408
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8}
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
-_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-_FUSED_CALL = re.compile(r"=\s*(.+?)\s+fusion\(.*\bcalls=%([\w.\-]+)")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(")
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  name: str  # v5p, or "cpu"
-  hbm_bytes: int | None
-  peak_flops: float | None  # dense bf16 per chip
 
 
 def main(argv):
@@ -73,15 +64,83 @@ def main(argv):
     raise app.UsageError("give one of --topology=v5p:4x4x4 or --devices=N")
   devices, chip = target_devices(_TOPOLOGY.value, _NUM_SLICES.value, _DEVICES.value,
                                  _HBM_GIB.value)
-  report = plan(_CONFIG.value, devices, chip, top=_TOP.value, dump_hlo=_DUMP_HLO.value)
-  report["config"] = _config_name()
-  report["topology"] = _TOPOLOGY.value or f"cpu:{_DEVICES.value}"
-  print(format_report(report))
+  where = {"config": _config_name(), "topology": _TOPOLOGY.value or f"cpu:{_DEVICES.value}"}
+  if _SWEEP.value:
+    rows = sweep(_CONFIG.value, devices, chip, top=_TOP.value)
+    for r in rows:
+      r.update(where)
+    print(format_sweep(rows))
+    out, fits = {**where, "sweep": rows}, any(r.get("fits") is not False for r in rows)
+  else:
+    out = plan(_CONFIG.value, devices, chip, top=_TOP.value, dump_hlo=_DUMP_HLO.value)
+    out.update(where)
+    print(format_report(out))
+    fits = out["fits"] is not False
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump(report, f, indent=2)
-  if report["fits"] is False:
+      json.dump(out, f, indent=2, default=float)
+  if not fits:
     sys.exit(1)
+
+
+def sweep_meshes(n: int, num_slices: int = 1) -> dict[str, dict[str, Any]]:
+  """The meshes --sweep tries on n chips: the presets, and data x fsdp splits
+  with fsdp of 4, 8 or 16 (between pure data and pure FSDP parallelism)."""
+  meshes = {"dp": {"preset": "dp"}, "fsdp": {"preset": "fsdp"}}
+  if n % 4 == 0 and n > 4:
+    meshes["fsdp_tensor"] = {"preset": "fsdp_tensor", "tensor": 4}
+  for f in (4, 8, 16):
+    if n % f == 0 and 1 < n // f and (n // f) % num_slices == 0:
+      meshes[f"data{n // f}_fsdp{f}"] = {"preset": "", "data": n // f, "fsdp": f, "tensor": 1}
+  if num_slices > 1:
+    meshes["multislice"] = {"preset": "multislice"}
+  return meshes
+
+
+def sweep(config, devices, chip: Chip, top: int = 5) -> list[dict[str, Any]]:
+  """Plans config on each of sweep_meshes; fitting meshes first, by predicted
+  MFU (best first). A mesh the model cannot use is a row with its error."""
+  rows = []
+  meshes = sweep_meshes(len(devices), parallel.num_slices(devices))
+  for i, (name, mesh) in enumerate(meshes.items()):
+    c = copy.deepcopy(config)
+    with c.unlocked():
+      c.mesh.update(mesh)
+    logging.info("sweep %d/%d: mesh %s", i + 1, len(meshes), name)
+    try:
+      row = plan(c, devices, chip, top=top)
+    except Exception as e:  # noqa: BLE001 (a mesh the model's shapes do not divide)
+      row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "fits": None}
+    row["mesh_name"] = name
+    rows.append(row)
+
+  def key(r):
+    mfu = (r.get("predicted") or {}).get("mfu")
+    return (r.get("fits") is not True, "error" in r, -(mfu or 0.0))
+  return sorted(rows, key=key)
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+  if not rows:
+    return "no mesh to try"
+  first = next((r for r in rows if "error" not in r), rows[0])
+  lines = [f"plan sweep: {first.get('config')} on {first.get('topology')} "
+           f"(global batch {first.get('global_batch')}), best predicted MFU first",
+           f"  {'mesh':16s} {'axes':36s} {'GiB/chip':>9s} {'HBM':>5s} {'bound':>8s} "
+           f"{'step ms':>9s} {'MFU':>6s}"]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"  {r['mesh_name']:16s} cannot plan: {r['error']}")
+      continue
+    p = r["predicted"]
+    share = r["memory"]["share"]
+    fits = "" if r["fits"] is not False else "  DOES NOT FIT"
+    step = f"{1e3 * p['step_s']:9.1f}" if p.get("step_s") else f"{'-':>9s}"
+    mfu = f"{100 * p['mfu']:5.1f}%" if p.get("mfu") is not None else f"{'-':>6s}"
+    lines.append(f"  {r['mesh_name']:16s} {str(r['mesh']):36s} {r['memory']['total_gib']:9.2f} "
+                 f"{(f'{100 * share:4.0f}%' if share else '    -'):>5s} {str(p.get('bound')):>8s} "
+                 f"{step} {mfu}{fits}")
+  return "\n".join(lines)
 
 
 def target_devices(topology: str | None, num_slices: int = 1, cpu_devices: int = 0,
@@ -115,9 +174,11 @@ def target_devices(topology: str | None, num_slices: int = 1, cpu_devices: int =
   except Exception as e:
     raise SystemExit(f"cannot describe TPU topology {topology!r} ({e}); is libtpu installed? "
                      f"pip install -e '.[tpu-plan]'") from e
-  hbm = hbm_gib or HBM_GIB.get(version)
-  peak = next((v for k, v in metrics_lib.PEAK_FLOPS if k in version), None)
-  return list(desc.devices), Chip(version, int(hbm * GIB) if hbm else None, peak)
+  chip = roofline.CHIPS.get(version) or Chip(
+      version, None, next((v for k, v in metrics_lib.PEAK_FLOPS if k in version), None))
+  if hbm_gib:
+    chip = dataclasses.replace(chip, hbm_bytes=int(hbm_gib * GIB))
+  return list(desc.devices), chip
 
 
 def _accelerator_type(topology: str, version: str) -> str:
@@ -167,8 +228,13 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
   if dump_hlo:
     with open(dump_hlo, "w") as f:
       f.write(hlo)
+  program = roofline.parse(hlo)
+  totals = roofline.analyse(program, chip, roofline.Links.of(list(mesh.devices.flat)))
   trained = jax.tree.map(lambda p, t: p.size if t else 0, s["abstract"].params, s["mask"])
   n = len(devices)
+  step_flops = jaxpr_flops(traced.jaxpr.jaxpr) / n
+  model_flops = task.flops_per_example() * config.batch_size / n
+  fits = None if chip.hbm_bytes is None else per_chip["total"] <= chip.hbm_bytes
   return {
       "task": config.task,
       "global_batch": int(config.batch_size),
@@ -179,14 +245,20 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
       "params": optim.count_params(s["abstract"].params),
       "trained_params": int(sum(jax.tree.leaves(trained))),
       "per_chip_bytes": {k: int(v) for k, v in per_chip.items()},
+      "memory": {"total_gib": per_chip["total"] / GIB,
+                 "hbm_gib": chip.hbm_bytes / GIB if chip.hbm_bytes else None,
+                 "share": per_chip["total"] / chip.hbm_bytes if chip.hbm_bytes else None},
       "flops_per_chip": float(cost.get("flops", 0.0)) if cost else None,
-      "step_flops_per_chip": jaxpr_flops(traced.jaxpr.jaxpr) / n,
-      "model_flops_per_chip": task.flops_per_example() * config.batch_size / n,
+      "step_flops_per_chip": step_flops,
+      "model_flops_per_chip": model_flops,
       "peak_flops": chip.peak_flops,
-      "collectives": collectives(hlo),
+      "predicted": roofline.predict(step_flops, model_flops, totals, chip),
+      "collectives": totals.collectives,
+      "gathers_as_all_reduce": roofline.gathers_as_all_reduce(program),
+      "attention_kernels": roofline.attention_kernels(program),
       "largest_buffers": largest_buffers(hlo, top),
       "batch_x_batch_buffers": square_buffers(hlo, int(config.batch_size)),
-      "fits": None if chip.hbm_bytes is None else per_chip["total"] <= chip.hbm_bytes,
+      "fits": fits,
       "compile_seconds": round(compile_s, 1),
   }
 
@@ -248,59 +320,24 @@ def _shard_bytes(abstract, shardings) -> int:
   return int(sum(jax.tree.leaves(sizes)))
 
 
-def _shapes(text: str):
-  for dtype, dims in _SHAPE.findall(text):
-    shape = tuple(int(d) for d in dims.split(",") if d)
-    yield f"{dtype}[{','.join(map(str, shape))}]", shape, math.prod(shape) * _DTYPE_BYTES[dtype]
-
-
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
-  """Per kind: how many sit in the program text (one inside the layer loop runs
-  once per layer) and the largest result buffer of one, per chip.
-
-  A collective that XLA fused with its neighbours (TPU's reduce-scatter is a
-  fusion calling %all-reduce-scatter.N) counts once, as the fusion's kind.
-  """
-  out = {kind: {"count": 0, "largest_bytes": 0} for kind in COLLECTIVES}
-  computation = ""
-  for line in hlo.splitlines():
-    header = _COMPUTATION.match(line)
-    if header:
-      computation = header.group(1)
-      continue
-    if _collective_kind(computation):  # the body of a fused collective: counted at its call
-      continue
-    fused = _FUSED_CALL.search(line)
-    direct = _COLLECTIVE.search(line)
-    if fused and _collective_kind(fused.group(2)):
-      result, kind = fused.group(1), _collective_kind(fused.group(2))
-    elif direct:
-      result, kind = direct.group(1), direct.group(2)
-    else:
-      continue
-    out[kind]["count"] += 1
-    out[kind]["largest_bytes"] = max([out[kind]["largest_bytes"]] +
-                                     [b for _, _, b in _shapes(result)])
-  return out
-
-
-def _collective_kind(name: str) -> str | None:
-  if name.startswith("all-reduce-scatter"):
-    return "reduce-scatter"
-  return next((k for k in COLLECTIVES if name.startswith(k)), None)
+def collectives(hlo: str) -> dict[str, dict[str, float]]:
+  """Per kind: how many sit in the program text, how many run (loop bodies
+  by their trip count), the largest result per chip and, on no chip's links,
+  the bytes one chip receives (see mmjax.roofline)."""
+  return roofline.analyse(roofline.parse(hlo), Chip("none", None, None)).collectives
 
 
 def largest_buffers(hlo: str, top: int = 5) -> list[dict[str, Any]]:
   """The largest array shapes anywhere in the compiled (per-chip) program."""
   seen = {}
-  for name, _, nbytes in _shapes(hlo):
+  for name, _, nbytes in roofline.shapes(hlo):
     seen[name] = nbytes
   return [{"shape": k, "bytes": v} for k, v in sorted(seen.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def square_buffers(hlo: str, batch: int) -> list[str]:
   """Per-chip [B, B] arrays (size-1 dims aside): a whole global logit matrix."""
-  return sorted({name for name, shape, _ in _shapes(hlo)
+  return sorted({name for name, shape, _ in roofline.shapes(hlo)
                  if tuple(d for d in shape if d != 1) == (batch, batch)})
 
 
@@ -334,19 +371,41 @@ def format_report(r: dict[str, Any]) -> str:
   if flops:
     line += f", {flops:.3g} XLA's count (a loop body once)"
   lines.append(line)
-  if r["peak_flops"]:
-    lines.append(f"at {r['peak_flops'] / 1e12:.0f} TFLOP/s peak the step's matmuls take "
-                 f"{step / r['peak_flops']:.3f} s (compute bound only: memory and network "
-                 f"time not modelled)")
-  lines.append("collectives in the program (count, largest result per chip):")
+  lines += _roofline_lines(r)
+  lines.append("collectives (in the program / run per step, largest result, bytes received, "
+               "time on the links, per chip):")
   for kind, c in r["collectives"].items():
-    lines.append(f"  {kind:20s} {c['count']:4d}  {c['largest_bytes'] / (1 << 20):10.1f} MiB")
+    if c["count"]:
+      lines.append(f"  {kind:20s} {c['count']:4d} / {c['executed']:6.0f}  "
+                   f"{c['largest_bytes'] / (1 << 20):9.1f} MiB  {c['traffic_bytes'] / GIB:9.2f} GiB"
+                   f"  {1e3 * c['seconds']:9.2f} ms")
+  if r.get("gathers_as_all_reduce"):
+    lines.append(f"  ({r['gathers_as_all_reduce']} of the all-reduces gather: each chip's shard "
+                 f"in a zeroed buffer, then summed; twice a ring all-gather's bytes)")
+  lines.append("attention kernels: " + (", ".join(r["attention_kernels"]) or
+                                        "none (attention is plain matmuls)"))
   lines.append("largest buffers per chip: " + ", ".join(
       f"{b['shape']} {b['bytes'] / (1 << 20):.0f} MiB" for b in r["largest_buffers"]))
   square = r["batch_x_batch_buffers"]
   lines.append(f"B x B ({r['global_batch']} x {r['global_batch']}) buffers on one chip: "
                + (", ".join(square) if square else "none"))
   return "\n".join(lines)
+
+
+def _roofline_lines(r: dict[str, Any]) -> list[str]:
+  p = r.get("predicted") or {}
+  if not p.get("step_s"):
+    return ["roofline: no chip peaks for this target (a TPU topology has them)"]
+  ms = lambda t: f"{1e3 * t:.1f} ms"  # noqa: E731
+  parts = ", ".join(f"{k} {ms(v)}" for k, v in p["seconds"].items())
+  mfu = f", predicted MFU {100 * p['mfu']:.1f}%" if p.get("mfu") is not None else ""
+  lines = [f"roofline per step (lower bounds at peak): {parts}",
+           f"  -> {p['bound']}-bound, step >= {ms(p['step_s'])}{mfu}  "
+           f"(HBM traffic {p['hbm_bytes'] / GIB:.1f} GiB, ICI {p['ici_bytes'] / GIB:.2f} GiB"
+           + (f", DCN {p['dcn_bytes'] / GIB:.2f} GiB" if p.get("dcn_bytes") else "") + ")"]
+  if p.get("loops_of_unknown_length"):
+    lines.append(f"  ({p['loops_of_unknown_length']} loop(s) of unknown length counted once)")
+  return lines
 
 
 def _config_name() -> str:

@@ -35,8 +35,9 @@ ENTRY %main.1 (p0: bf16[4,256]) -> f32[] {
 
 def test_collectives_are_counted_once_each_and_fused_ones_by_their_kind():
   c = plan.collectives(HLO)
-  assert c["all-gather"] == {"count": 2, "largest_bytes": 16 * 256 * 2}
-  assert c["reduce-scatter"] == {"count": 1, "largest_bytes": 32 * 64 * 4}
+  assert c["all-gather"]["count"] == 2 and c["all-gather"]["largest_bytes"] == 16 * 256 * 2
+  assert c["reduce-scatter"]["count"] == 1
+  assert c["reduce-scatter"]["largest_bytes"] == 32 * 128 * 4  # f32[32,64] in (8, 128) tiles
   assert c["all-reduce"]["count"] == 0  # the one inside the reduce-scatter fusion
   assert c["collective-permute"]["count"] == 1 and c["all-to-all"]["count"] == 0
 
@@ -142,3 +143,38 @@ def test_the_flagship_l14_step_fits_a_v5p_64_with_room(tmp_path):
   assert report["devices"] == 64 and report["global_batch"] == 32768
   share = report["per_chip_bytes"]["total"] / report["hbm_bytes"]
   assert report["fits"] and share <= 0.8, f"{share:.0%} of HBM per chip"
+  assert report["memory"]["share"] == pytest.approx(share)
+  # The roofline: every bound positive, the step at least the compute bound.
+  p = report["predicted"]
+  assert p["bound"] in ("compute", "hbm", "ici") and p["bound"] == max(p["seconds"],
+                                                                        key=p["seconds"].get)
+  assert p["step_s"] >= p["seconds"]["compute"] > 0 and 0 < p["mfu"] < 1
+  assert p["loops_of_unknown_length"] == 0
+  assert report["collectives"]["all-reduce"]["executed"] >= report["collectives"]["all-reduce"][
+      "count"] > 0
+  assert report["attention_kernels"] == []  # plain matmuls until attention kernels are wired
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e '.[tpu-plan]')")
+def test_sweep_plans_each_mesh_and_ranks_them_by_predicted_mfu(tmp_path):
+  import json
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  path = tmp_path / "sweep.json"
+  cmd = [sys.executable, "-m", "mmjax.plan", "--config=experiments/clip_shapes.py:runlocal=true",
+         "--topology=v5p:2x2x2", "--sweep", "--config.model.vision.variant=tiny/8",
+         "--config.model.text.size=tiny", "--config.model.embed_dim=16",
+         "--config.model.text.vocab_size=64", f"--json={path}"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  rows = json.loads(path.read_text())["sweep"]
+  assert [r["mesh_name"] for r in rows if "error" not in r] and {r["mesh_name"] for r in rows} == {
+      "dp", "fsdp", "fsdp_tensor", "data2_fsdp4"}
+  planned = [r for r in rows if "error" not in r]
+  assert {r["mesh_name"]: r["mesh"] for r in planned}.get("data2_fsdp4", {"data": 2, "fsdp": 4,
+                                                                          "tensor": 1}) == {
+      "data": 2, "fsdp": 4, "tensor": 1}
+  mfus = [r["predicted"]["mfu"] for r in planned]
+  assert mfus == sorted(mfus, reverse=True) and all(0 < m < 1 for m in mfus)
+  assert "best predicted MFU first" in out.stdout and rows[0]["mesh_name"] in out.stdout
