@@ -57,6 +57,10 @@ Chip = roofline.Chip
 OPENAI_BPE_VOCAB = 49408
 
 
+class DoesNotFit(Exception):
+  """The TPU compiler refused the step: it needs more HBM than the chip has."""
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -70,9 +74,16 @@ def main(argv):
     for r in rows:
       r.update(where)
     print(format_sweep(rows))
-    out, fits = {**where, "sweep": rows}, any(r.get("fits") is not False for r in rows)
+    out = {**where, "sweep": rows}
+    fits = any("error" not in r and r["fits"] is not False for r in rows)
   else:
-    out = plan(_CONFIG.value, devices, chip, top=_TOP.value, dump_hlo=_DUMP_HLO.value)
+    try:
+      out = plan(_CONFIG.value, devices, chip, top=_TOP.value, dump_hlo=_DUMP_HLO.value)
+    except DoesNotFit as e:
+      print(f"plan: {where['config']} on {where['topology']}: DOES NOT FIT, the compiler "
+            f"refused it: {e}\n  (less memory per chip: --config.model.remat=save_attention or "
+            f"full, a smaller --config.batch_size, or --sweep for the meshes)")
+      sys.exit(1)
     out.update(where)
     print(format_report(out))
     fits = out["fits"] is not False
@@ -101,6 +112,7 @@ def sweep(config, devices, chip: Chip, top: int = 5) -> list[dict[str, Any]]:
   """Plans config on each of sweep_meshes; fitting meshes first, by predicted
   MFU (best first). A mesh the model cannot use is a row with its error."""
   rows = []
+  _default_vocab(config)  # once, not per mesh
   meshes = sweep_meshes(len(devices), parallel.num_slices(devices))
   for i, (name, mesh) in enumerate(meshes.items()):
     c = copy.deepcopy(config)
@@ -109,6 +121,8 @@ def sweep(config, devices, chip: Chip, top: int = 5) -> list[dict[str, Any]]:
     logging.info("sweep %d/%d: mesh %s", i + 1, len(meshes), name)
     try:
       row = plan(c, devices, chip, top=top)
+    except DoesNotFit as e:
+      row = {"error": f"does not fit: {e}", "fits": False}
     except Exception as e:  # noqa: BLE001 (a mesh the model's shapes do not divide)
       row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "fits": None}
     row["mesh_name"] = name
@@ -206,7 +220,13 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
   tuned = backend.choose(config.get("cpu_tuning", "auto"), devices)
   with parallel.activate(mesh, rules), backend.cpu_tuning_as(tuned):
     traced = jitted.trace(state_in, batch_in)
-    compiled = traced.lower().compile()
+    try:
+      compiled = traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # libtpu refuses a program larger than HBM; say so as a plan would.
+      raise DoesNotFit(str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]) from e
   compile_s = time.perf_counter() - start
 
   mem = compiled.memory_analysis()
@@ -295,17 +315,21 @@ def jaxpr_flops(jaxpr, times: float = 1.0) -> float:
 
 
 def _task_without_data(config):
-  if config.task == "clip" and not config.model.text.get("vocab_size"):
-    logging.warning("model.text.vocab_size is 0 (the tokenizer's): planning with %d "
-                    "(OpenAI's BPE); set --config.model.text.vocab_size otherwise",
-                    OPENAI_BPE_VOCAB)
-    config.model.text.vocab_size = OPENAI_BPE_VOCAB
+  _default_vocab(config)
   try:
     return tasks.build_task(config, with_data=False)
   except TypeError as e:  # a Task family whose constructor needs no data anyway
     if "with_data" not in str(e):
       raise
     return tasks.build_task(config)
+
+
+def _default_vocab(config) -> None:
+  if config.task == "clip" and not config.model.text.get("vocab_size"):
+    logging.warning("model.text.vocab_size is 0 (the tokenizer's): planning with %d "
+                    "(OpenAI's BPE); set --config.model.text.vocab_size otherwise",
+                    OPENAI_BPE_VOCAB)
+    config.model.text.vocab_size = OPENAI_BPE_VOCAB
 
 
 def _shard_bytes(abstract, shardings) -> int:

@@ -70,7 +70,7 @@ CHIPS = {
 }
 CHIPS["v5litepod"] = dataclasses.replace(CHIPS["v5e"], name="v5litepod")
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 _CALLED = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)="
                      r"%([\w.\-]+)")
@@ -95,6 +95,7 @@ class Instruction:
   operands: list[str]
   attrs: str  # everything after the operand list
   args: str = ""  # the operand list as written (a constant's value, a parameter's index)
+  root: bool = False  # the computation's result
 
   @property
   def nbytes(self) -> float:
@@ -157,9 +158,10 @@ def parse(hlo: str) -> Program:
       continue
     m = _INSTRUCTION.match(line)
     if m:
-      operands, attrs = _split_operands(m.group(4))
-      current.append(Instruction(m.group(1), m.group(3), m.group(2),
-                                 re.findall(r"%([\w.\-]+)", operands), attrs, operands))
+      operands, attrs = _split_operands(m.group(5))
+      current.append(Instruction(m.group(2), m.group(4), m.group(3),
+                                 re.findall(r"%([\w.\-]+)", operands), attrs, operands,
+                                 root=bool(m.group(1))))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
   return Program(computations, entry)
@@ -215,24 +217,32 @@ def _reachable(program: Program, name: str | None) -> list[str]:
 
 def _fusion_io(program: Program, inst: Instruction, callee: str) -> float:
   """Bytes a fusion reads and writes: an operand only sliced inside reads its
-  slices; a root dynamic-update-slice into an operand writes the update only."""
+  slices; an output that is a dynamic-update-slice into an operand (in place)
+  writes the update only, and that operand is not read."""
   body = program.computations.get(callee, [])
+  if not body:
+    return inst.nbytes
+  local = {i.name: i for i in body}
   params = {i.name: int(i.args) for i in body if i.op == "parameter"}
   users: dict[str, list[Instruction]] = {}
   for i in body:
     for o in i.operands:
       users.setdefault(o, []).append(i)
-  root = body[-1] if body else None
-  local = {i.name: i for i in body}
-  while root is not None and root.op == "bitcast" and root.operands[0] in local:
-    root = local[root.operands[0]]
-  in_place = None
-  if root is not None and root.op == "dynamic-update-slice" and root.operands[0] in params:
-    in_place = root.operands[0]
+  root = next((i for i in body if i.root), body[-1])
+  total, in_place = 0.0, set()
+  for name in (root.operands if root.op == "tuple" else [root.name]):
+    out = local.get(name)
+    while out is not None and out.op == "bitcast" and out.operands[0] in local:
+      out = local[out.operands[0]]
+    if out is not None and out.op == "dynamic-update-slice" and out.operands[0] in params:
+      in_place.add(out.operands[0])
+      update = local.get(out.operands[1])
+      total += update.nbytes if update is not None else 0.0
+    elif out is not None:
+      total += local[name].nbytes
   by_name = program.by_name
-  total = 0.0
   for pname, index in params.items():
-    if index >= len(inst.operands) or pname == in_place:
+    if index >= len(inst.operands) or pname in in_place:
       continue
     full = by_name[inst.operands[index]].nbytes if inst.operands[index] in by_name else 0.0
     uses = users.get(pname, [])
@@ -240,11 +250,6 @@ def _fusion_io(program: Program, inst: Instruction, callee: str) -> float:
       total += min(full, sum(u.nbytes for u in uses))
     else:
       total += full
-  if in_place is not None:
-    update = by_name.get(root.operands[1]) if len(root.operands) > 1 else None
-    total += update.nbytes if update is not None else 0.0
-  else:
-    total += inst.nbytes
   return total
 
 

@@ -144,3 +144,30 @@ def test_hbm_bytes_of_a_compiled_step_match_xla_with_loops_counted_once():
   loops = [i for c in program.computations.values() for i in c if i.op == "while"]
   assert loops and all(roofline.trip_count(program, i) == 3 for i in loops)
   assert roofline.analyse(program, roofline.Chip("cpu", None, None)).hbm_bytes > 1.5 * once
+
+
+def test_a_multi_output_fusion_updating_buffers_in_place_writes_only_the_updates():
+  hlo = """\
+%fused (p0: f32[8,1024], p1: f32[8,1024], p2: f32[1,1024], p3: s32[]) -> (f32[8,1024], f32[8,1024]) {
+  %p0 = f32[8,1024]{1,0} parameter(0)
+  %p1 = f32[8,1024]{1,0} parameter(1)
+  %p2 = f32[1,1024]{1,0} parameter(2)
+  %p3 = s32[] parameter(3)
+  %z = s32[] constant(0)
+  %a = f32[8,1024]{1,0} dynamic-update-slice(%p0, %p2, %p3, %z)
+  %n = f32[1,1024]{1,0} negate(%p2)
+  ROOT %t = (f32[8,1024]{1,0}, f32[8,1024]{1,0}) tuple(%a, %b)
+  %b = f32[8,1024]{1,0} dynamic-update-slice(%p1, %n, %p3, %z)
+}
+
+ENTRY %main (x: f32[8,1024], y: f32[8,1024], u: f32[1,1024], i: s32[]) -> (f32[8,1024], f32[8,1024]) {
+  %x = f32[8,1024]{1,0} parameter(0)
+  %y = f32[8,1024]{1,0} parameter(1)
+  %u = f32[1,1024]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  ROOT %f = (f32[8,1024]{1,0}, f32[8,1024]{1,0}) fusion(%x, %y, %u, %i), kind=kLoop, calls=%fused
+}
+"""
+  t = roofline.analyse(roofline.parse(hlo), roofline.Chip("cpu", None, None))
+  # Reads the update and the index, writes two rows; the [8, 1024] buffers stay put.
+  assert t.hbm_bytes == 1024 * 4 + 4 + 2 * 1024 * 4
