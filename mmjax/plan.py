@@ -81,8 +81,8 @@ def main(argv):
       out = plan(_CONFIG.value, devices, chip, top=_TOP.value, dump_hlo=_DUMP_HLO.value)
     except DoesNotFit as e:
       print(f"plan: {where['config']} on {where['topology']}: DOES NOT FIT, the compiler "
-            f"refused it: {e}\n  (less memory per chip: --config.model.remat=save_attention or "
-            f"full, a smaller --config.batch_size, or --sweep for the meshes)")
+            f"refused it: {e}\n  (less memory per chip: more remat, e.g. --config.model.remat=full; "
+            f"a smaller --config.batch_size; or --sweep over the meshes)")
       sys.exit(1)
     out.update(where)
     print(format_report(out))
