@@ -475,24 +475,26 @@ def predict(flops: float, model_flops: float, totals: Totals, chip: Chip) -> dic
 
 
 def custom_calls(program: Program) -> dict[str, int]:
-  """custom-call targets in the program and how often each appears."""
+  """custom-call targets in the program and how often each appears; a Pallas
+  kernel on TPU (target tpu_custom_call) by its instruction's name."""
   out: dict[str, int] = {}
   for c in program.computations.values():
     for i in c:
       if i.op == "custom-call":
         m = re.search(r'custom_call_target="([^"]+)"', i.attrs)
-        target = m.group(1) if m else "?"
-        kernel = re.search(r'"(?:kernel_name|name)"\s*:\s*"([^"]+)"', i.attrs)
-        key = f"{target}:{kernel.group(1)}" if kernel else target
+        key = m.group(1) if m else "?"
+        if key == "tpu_custom_call":
+          key = key + ":" + re.sub(r"[.]\d+$", "", i.name)
         out[key] = out.get(key, 0) + 1
   return out
 
 
-def attention_kernels(program: Program) -> list[str]:
-  """The fused attention kernels the program calls (splash / flash on TPU,
-  cuDNN's fused attention on GPU); empty when attention is plain matmuls."""
-  words = ("attention", "flash", "splash", "fmha", "mha")
-  return sorted(k for k in custom_calls(program) if any(w in k.lower() for w in words))
+def attention_kernels(program: Program) -> dict[str, int]:
+  """The fused attention kernels the program calls and how often (splash on
+  TPU, cuDNN's fused attention on GPU); empty when attention is plain matmuls."""
+  words = ("attention", "flash", "splash", "fmha", "_mha")
+  return {k: n for k, n in sorted(custom_calls(program).items())
+          if any(w in k.lower() for w in words)}
 
 
 def dumps(report: dict[str, Any]) -> str:
