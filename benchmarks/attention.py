@@ -1,4 +1,4 @@
-"""Softmax attention alone: mmjax's `layers.dot_product_attention` against
+"""Softmax attention alone: mmjax's "cpu" form (`mmjax.models.attention`) against
 `jax.nn.dot_product_attention`'s XLA path and torch's
 `scaled_dot_product_attention` (when torch imports), forward and forward +
 backward, timed in alternation in one process, medians over the repeats.
@@ -32,7 +32,7 @@ def _jax_fns(shape) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
   import jax.numpy as jnp
   import numpy as np
 
-  from mmjax.models import layers
+  from mmjax.models import attention, layers
   b, t, n, kv, h, causal = shape
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(b, t, n, h)).astype(np.float32) / np.sqrt(h))
@@ -44,10 +44,10 @@ def _jax_fns(shape) -> tuple[dict[str, Callable[[], Any]], dict[str, float]]:
     mask = layers.make_attention_mask(t, t, padding=jnp.asarray(padding), causal=True)
   cotangent = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
   fns, errors = {}, {}
-  want = layers.dot_product_attention(q, k, v, mask, "xla")
-  for name, impl in (("ours", None), ("xla", "xla")):
+  want = attention.dot_product_attention(q, k, v, mask, "xla")
+  for name, impl in (("ours", "cpu"), ("xla", "xla")):
     def attend(q, k, v, impl=impl):
-      return layers.dot_product_attention(q, k, v, mask, impl)
+      return attention.dot_product_attention(q, k, v, mask, impl)
     fwd = jax.jit(attend)
     both = jax.jit(lambda q, k, v, attend=attend: jax.vjp(attend, q, k, v)[1](cotangent))
     fns[f"{name} fwd"] = lambda fwd=fwd: fwd(q, k, v)

@@ -39,7 +39,7 @@ class Options:
   scan: bool = False
   remat: str = "none"
   dtype: str = "float32"
-  attention: str | None = None  # jax.nn.dot_product_attention's implementation
+  attention: str = "auto"  # mmjax.models.attention: auto | cpu | xla | cudnn | splash
 
 
 def mmjax_config(c: dict, opts: Options, lr: float = 5e-4):

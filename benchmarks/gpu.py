@@ -3,7 +3,7 @@
   python -m benchmarks.gpu [--smoke] [--out=FILE.json]     (benchmarks/gpu.sh runs it)
 
 1. CLIP ViT-B/16 + the B text tower (open_clip's sizes), bfloat16, fused
-   attention (cuDNN flash through jax.nn.dot_product_attention), scanned
+   attention ("auto": cuDNN flash through jax.nn.dot_product_attention), scanned
    layers, remat "dots_no_batch", at the largest batch of a descending list
    whose compiled memory fits the device (XLA's memory analysis, before any
    run; a batch that still fails at run time falls to the next).
@@ -58,7 +58,7 @@ def _peak() -> tuple[float, str]:
   return metrics.peak_flops()
 
 
-def clip_run(smoke: bool, steps: int, attention: str | None) -> dict:
+def clip_run(smoke: bool, steps: int, attention: str) -> dict:
   import jax
   import numpy as np
 
@@ -115,7 +115,7 @@ def clip_run(smoke: bool, steps: int, attention: str | None) -> dict:
   raise RuntimeError(f"no CLIP batch in {batches} fits on {device.device_kind}: {tried}")
 
 
-def llava_run(smoke: bool, steps: int, attention: str | None) -> dict:
+def llava_run(smoke: bool, steps: int, attention: str) -> dict:
   import jax
   import numpy as np
 
@@ -166,9 +166,10 @@ def main(argv=None):
   gpu = jax.default_backend() == "gpu"
   if not gpu and not args.smoke:
     raise SystemExit(f"no GPU (backend {jax.default_backend()!r}): run with --smoke on a CPU")
-  attention = "cudnn" if gpu else None  # cuDNN's flash attention exists on NVIDIA GPUs only
+  from mmjax.models import attention as attention_lib
+  attention = "auto"  # cuDNN flash for bfloat16 on a GPU (mmjax.models.attention)
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}; attention: "
-        f"{attention or 'xla'}", flush=True)
+        f"{attention_lib.resolve(attention, 'bfloat16')}", flush=True)
   steps = 2 if args.smoke else args.steps
   results = {"benchmark": "gpu", "machine": common.machine(), "smoke": args.smoke}
   only = args.only.split(",")

@@ -10,9 +10,12 @@ They are `custom_vjp` functions, so they also rule out forward-mode autodiff
   given the mesh's devices; without it, JAX's default backend decides);
 - `--config.cpu_tuning=true|false` (or `MMJAX_CPU_TUNING=1|0`) overrides.
 
-A plan for a TPU topology compiled on a CPU host (`mmjax.plan`) compiles for
-TPU, so it gets the plain layers. The host's malloc (`mmjax.hostenv`) is decided
-before JAX starts, by `runs_on_cpu(os.environ)`.
+`platform()` is the platform the run compiles for ("cpu", "gpu" or "tpu"), from
+the same devices; attention's "auto" (`mmjax.models.attention`) follows it. A
+plan for a TPU topology compiled on a CPU host (`mmjax.plan`) compiles for TPU
+(`compiling_for`), so it gets the plain layers and the TPU kernels. The host's
+malloc (`mmjax.hostenv`) is decided before JAX starts, by
+`runs_on_cpu(os.environ)`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 ENV = "MMJAX_CPU_TUNING"
 _setting: bool | None = None  # None: from the platform
+_platform: str | None = None  # None: JAX's default backend
 
 
 def _parse(value: Any, where: str) -> bool | None:
@@ -54,10 +58,33 @@ def choose(setting: Any = "auto", devices: Sequence[Any] | None = None) -> bool:
 
 
 def configure(setting: Any = "auto", devices: Sequence[Any] | None = None) -> bool:
-  """Fixes `cpu_tuning()` for this process (see `choose`); returns the choice."""
-  global _setting
+  """Fixes `cpu_tuning()` (see `choose`) and `platform()` (that of `devices`)
+  for this process; returns the cpu_tuning choice."""
+  global _setting, _platform
   _setting = choose(setting, devices)
+  _platform = devices[0].platform if devices else None
   return _setting
+
+
+def platform() -> str:
+  """The platform the run compiles for: "cpu", "gpu" or "tpu" (read at trace time)."""
+  if _platform is not None:
+    return _platform
+  import jax
+  return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(devices: Sequence[Any], setting: Any = "auto") -> Iterator[None]:
+  """Within the block, `platform()` and `cpu_tuning()` are those of `devices`
+  (a TPU topology's, for a plan compiled on this host)."""
+  global _setting, _platform
+  before = _setting, _platform
+  _setting, _platform = choose(setting, devices), devices[0].platform
+  try:
+    yield
+  finally:
+    _setting, _platform = before
 
 
 def cpu_tuning() -> bool:

@@ -204,6 +204,12 @@ def _accelerator_type(topology: str, version: str) -> str:
 
 def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None) -> dict[str, Any]:
   """Compiles config's train step for `devices`; returns the per-chip numbers."""
+  # The layers' forms and kernels for the target's platform, not this host's.
+  with backend.compiling_for(devices, config.get("cpu_tuning", "auto")):
+    return _plan(config, devices, chip, top, dump_hlo)
+
+
+def _plan(config, devices, chip: Chip, top: int, dump_hlo: str | None) -> dict[str, Any]:
   task = _task_without_data(config)
   s = loop.build(config, devices, task)
   mesh, rules = s["mesh"], s["rules"]
@@ -216,9 +222,7 @@ def plan(config, devices, chip: Chip, top: int = 5, dump_hlo: str | None = None)
                                       sharding=parallel.batch_sharding(mesh, len(v.shape)))
               for k, v in batch_spec.items()}
   start = time.perf_counter()
-  # The layers' forms for the target's platform, not this host's (mmjax.backend).
-  tuned = backend.choose(config.get("cpu_tuning", "auto"), devices)
-  with parallel.activate(mesh, rules), backend.cpu_tuning_as(tuned):
+  with parallel.activate(mesh, rules):
     traced = jitted.trace(state_in, batch_in)
     try:
       compiled = traced.lower().compile()
@@ -406,8 +410,9 @@ def format_report(r: dict[str, Any]) -> str:
   if r.get("gathers_as_all_reduce"):
     lines.append(f"  ({r['gathers_as_all_reduce']} of the all-reduces gather: each chip's shard "
                  f"in a zeroed buffer, then summed; twice a ring all-gather's bytes)")
-  lines.append("attention kernels: " + (", ".join(r["attention_kernels"]) or
-                                        "none (attention is plain matmuls)"))
+  lines.append("attention kernels: " + (", ".join(
+      f"{k} x{n}" for k, n in r["attention_kernels"].items()) or
+      "none (attention is plain matmuls)"))
   lines.append("largest buffers per chip: " + ", ".join(
       f"{b['shape']} {b['bytes'] / (1 << 20):.0f} MiB" for b in r["largest_buffers"]))
   square = r["batch_x_batch_buffers"]

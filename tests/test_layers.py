@@ -10,7 +10,7 @@ from scipy.special import erf
 
 from conftest import init_params
 from mmjax import backend
-from mmjax.models import layers
+from mmjax.models import attention, layers
 
 
 def test_quick_gelu_formula():
@@ -197,10 +197,10 @@ def test_dot_product_attention_matches_jax_with_masks_gqa_and_gradients(rng, kv_
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(cotangent)
 
-  ours = run(lambda q, k, v: layers.dot_product_attention(q, k, v, mask))
+  ours = run(lambda q, k, v: attention.dot_product_attention(q, k, v, mask, "cpu"))
   want = run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0))
   chex.assert_trees_all_close(ours, want, rtol=1e-5, atol=1e-5)
-  xla = layers.dot_product_attention(q, k, v, mask, implementation="xla")
+  xla = attention.dot_product_attention(q, k, v, mask, implementation="xla")
   np.testing.assert_allclose(xla, want[0], rtol=1e-6, atol=1e-6)
 
 
@@ -355,7 +355,8 @@ def _saved(policy, act="gelu", cpu_tuning=False):
 
 
 # [B, T] = [2, 5], D = 8, N = 2 heads of H = 4, F = 24.
-QKV, ATTN, RESID = [((2, 5, 2, 4), "qkv")] * 3, [((2, 5, 2, 4), "attn_out")], ((2, 5, 8), "residual")
+# q, k, v and the attention output are named with their heads merged: [B, T, N * H].
+QKV, ATTN, RESID = [((2, 5, 8), "qkv")] * 3, [((2, 5, 8), "attn_out")], ((2, 5, 8), "residual")
 
 
 @pytest.mark.parametrize("policy, act, saved", [

@@ -131,7 +131,8 @@ def test_tpu_topology_plan_runs_here_and_fails_when_it_does_not_fit(tmp_path):
                     reason="needs libtpu (pip install -e '.[tpu-plan]')")
 def test_the_flagship_l14_step_fits_a_v5p_64_with_room(tmp_path):
   """CLIP ViT-L/14 at batch 32768 on v5p:4x4x4 (512 pairs per chip), compiled
-  for the chips with the remat policy its config names: at most 80% of HBM."""
+  for the chips with the remat policy its config names: at most 80% of HBM,
+  attention in splash kernels, and a roofline."""
   import json
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   path = tmp_path / "plan.json"
@@ -152,7 +153,10 @@ def test_the_flagship_l14_step_fits_a_v5p_64_with_room(tmp_path):
   assert p["loops_of_unknown_length"] == 0
   assert report["collectives"]["all-reduce"]["executed"] >= report["collectives"]["all-reduce"][
       "count"] > 0
-  assert report["attention_kernels"] == {}  # plain matmuls
+  # Attention runs as splash kernels: no [..., 257, 257] scores among the largest buffers.
+  kernels = report["attention_kernels"]
+  assert any("splash_mha_fwd" in k for k in kernels) and any("splash_mha_dq" in k for k in kernels)
+  assert not [b for b in report["largest_buffers"] if b["shape"].endswith(",257,257]")]
 
 
 @pytest.mark.slow
@@ -178,3 +182,29 @@ def test_sweep_plans_each_mesh_and_ranks_them_by_predicted_mfu(tmp_path):
   mfus = [r["predicted"]["mfu"] for r in planned]
   assert mfus == sorted(mfus, reverse=True) and all(0 < m < 1 for m in mfus)
   assert "best predicted MFU first" in out.stdout and rows[0]["mesh_name"] in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs libtpu (pip install -e '.[tpu-plan]')")
+def test_llava_7b_stage_2_plans_with_splash_and_its_fsdp_collectives(tmp_path):
+  """LLaVA-1.5-7B stage 2 on v5p:4x4x4 (fsdp=64): splash attention, no
+  [2623, 2623] scores held, and the weights' gathers found and charged."""
+  import json
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  path = tmp_path / "plan.json"
+  cmd = [sys.executable, "-m", "mmjax.plan", "--config=experiments/llava15_7b.py:stage=2",
+         "--topology=v5p:4x4x4", f"--json={path}"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  report = json.loads(path.read_text())
+  assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1} and report["fits"]
+  assert any("splash_mha_fwd" in k for k in report["attention_kernels"])
+  assert not [b for b in report["largest_buffers"] if ",2623]" in b["shape"]
+              or ",2688]" in b["shape"]]
+  p = report["predicted"]
+  assert p["seconds"]["ici"] > 0 and 0 < p["mfu"] < 1 and p["loops_of_unknown_length"] == 0
+  moved = sum(c["traffic_bytes"] for c in report["collectives"].values())
+  # A 64-way FSDP step gathers every weight it uses: each chip receives at
+  # least 63/64 of the bf16 params once.
+  assert moved >= 2 * report["params"] * 63 / 64

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from mmjax import backend, parallel
+from mmjax.models import attention
 
 Dtype = Any
 Array = jax.Array
@@ -367,49 +368,6 @@ def _dense_params(module: nn.Module, in_shape: tuple[int, ...], out_shape: tuple
   return kernel, bias
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None,
-                          implementation: str | None = None) -> Array:
-  """softmax(q k^T) v, unscaled (scale q first): q [B, T, N, H], k and v
-  [B, S, K, H] with K dividing N (GQA); mask broadcastable to [B, N, T, S]
-  (True = may attend). Returns [B, T, N, H].
-
-  `implementation=None` computes it here, in the heads-major layout
-  [B, K, (N/K) T, S], with the softmax's normalisation applied to the [T, H]
-  output rather than the [T, S] weights and the row max held constant in the
-  gradient (softmax does not depend on it). On the 2-core CPU of BUILD.md, for
-  one ViT-S/16 layer, that is 1.7x faster than `jax.nn.dot_product_attention`'s
-  XLA path forward and 1.16x with the backward; on par for a causal GQA layer
-  (`python -m benchmarks.attention`). Any other value ("xla", "cudnn") is
-  passed to `jax.nn.dot_product_attention`.
-  """
-  if implementation is not None:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
-                                        implementation=implementation)
-  b, t, n, h = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  g = n // kv
-  # [B, K, G*T, H] against [B, K, S, H]: one batched matmul per kv head.
-  q = jnp.transpose(q.reshape(b, t, kv, g, h), (0, 2, 3, 1, 4)).reshape(b, kv, g * t, h)
-  k, v = (jnp.transpose(x, (0, 2, 1, 3)) for x in (k, v))
-  scores = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=jnp.float32)
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], t, s))
-    if mask.shape[1] == n:
-      mask = mask.reshape(mask.shape[0], kv, g * t, s)
-    else:
-      mask = jnp.broadcast_to(mask[:, :, None], (mask.shape[0], 1, g, t, s))
-      mask = mask.reshape(mask.shape[0], 1, g * t, s)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  top = jax.lax.stop_gradient(scores.max(-1, keepdims=True))
-  weights = jnp.exp(scores - top)
-  total = weights.sum(-1, keepdims=True)  # [B, K, G*T, 1]
-  out = jnp.einsum("bkqs,bksh->bkqh", weights.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32) / total
-  out = jnp.transpose(out.reshape(b, kv, g, t, h), (0, 3, 1, 2, 4))
-  return out.reshape(b, t, n, h).astype(q.dtype)
-
-
 def take_rows(x: Array, index: Array) -> Array:
   """x [B, T, ...] at positions index [B, Q] -> [B, Q, ...]."""
   index = index.reshape(index.shape + (1,) * (x.ndim - 2))
@@ -475,8 +433,16 @@ def _project_side_by_side(x: Array, parts: list[tuple[Array, Array | None]],
   return [y[..., i] for i in range(len(parts))]
 
 
+def _name_heads(x: Array, name: str) -> Array:
+  """checkpoint_name on [B, T, N, H] seen as [B, T, N * H]: a copy that remat
+  keeps then has N * H as its minor dim (TPU tiles pad a minor dim of 64 to
+  128, doubling what a kept ViT's q, k, v or attention output costs)."""
+  return checkpoint_name(x.reshape(*x.shape[:2], -1), name).reshape(x.shape)
+
+
 class Attention(nn.Module):
-  """Multi-head (or grouped-query) self-attention (`dot_product_attention`).
+  """Multi-head (or grouped-query) self-attention (`attention.dot_product_attention`,
+  by `attention_impl`; `mask` an `attention.AttentionMask` or a dense boolean mask).
 
   With `num_kv_heads < num_heads` keys and values are shared across groups of
   query heads (GQA). With `rope_theta` set, rotary embeddings are applied to
@@ -495,7 +461,7 @@ class Attention(nn.Module):
   use_bias: bool = True
   rope_theta: float | None = None
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None  # None: dot_product_attention here; "cudnn": flash on GPU
+  attention_impl: str = "auto"  # see mmjax.models.attention
   # Also sow the softmax weights [B, N, T, S] as intermediates/attention (for
   # figures; the output is still computed by dot_product_attention).
   sow_weights: bool = False
@@ -504,7 +470,7 @@ class Attention(nn.Module):
   def __call__(
       self,
       x: Array,
-      mask: Array | None = None,
+      mask: attention.Mask = None,
       positions: Array | None = None,
       cache: dict[str, Array] | None = None,
       query_index: Array | None = None,
@@ -530,7 +496,7 @@ class Attention(nn.Module):
     else:
       (q,), (k, v) = _project(x, parts[:1], self.dtype), _project(x, parts[1:], self.dtype)
     q = constrain(q, ("act_batch", "act_len", "act_heads", "act_kv"))
-    q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+    q, k, v = (_name_heads(t, "qkv") for t in (q, k, v))
     if self.rope_theta is not None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -539,7 +505,9 @@ class Attention(nn.Module):
       if query_index is not None:
         cos, sin = (take_rows(c, query_index) for c in (cos, sin))
       q = apply_rope(q, cos, sin)
-    if query_index is not None and mask is not None:
+    if query_index is not None and isinstance(mask, attention.AttentionMask):
+      mask = mask.rows(query_index, x.shape[1])
+    elif query_index is not None and mask is not None:
       mask = jnp.asarray(mask)
       if mask.shape[2] != 1:  # the mask's rows of the asking positions
         mask = jnp.broadcast_to(mask, (x.shape[0], *mask.shape[1:]))
@@ -553,12 +521,13 @@ class Attention(nn.Module):
       new_cache = {"k": k, "v": v, "index": index + x.shape[1]}
 
     if self.sow_weights:
-      self.sow("intermediates", "attention", attention_weights(q, k, mask))
+      self.sow("intermediates", "attention",
+               attention_weights(q, k, attention.dense_mask(mask, k.shape[1])))
     # Scaling the queries ([B, T, N, H]) costs less than scaling the scores ([B, N, T, S]).
     q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                self.attention_impl)
-    out = checkpoint_name(out, "attn_out")  # [B, T, N, H]
+    out = attention.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                          self.attention_impl)
+    out = _name_heads(out, "attn_out")  # [B, T, N, H]
     out = DenseND((x.shape[-1],), ("heads", "kv", "embed"), in_dims=2, use_bias=self.use_bias,
                   dtype=self.dtype, name="out")(out)
     return out, new_cache
@@ -627,7 +596,7 @@ class Block(nn.Module):
   use_bias: bool = True
   rope_theta: float | None = None
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   sow_attention: bool = False  # see Attention.sow_weights
 
   @nn.compact

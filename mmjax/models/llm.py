@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.models import attention, layers
 
 # name -> architecture. Widths, depths, heads and MLP dims of the public models;
 # "tiny" is for tests, "nano" / "micro" train on a CPU in minutes.
@@ -83,7 +83,10 @@ class LLMConfig:
   dtype: str = "float32"
   scan: bool = True
   remat: str = "none"
-  attention_impl: str | None = None
+  attention_impl: str = "auto"  # auto | cpu | xla | cudnn | splash (mmjax.models.attention)
+
+  def __post_init__(self):
+    attention.check_name(self.attention_impl, "LLMConfig.attention_impl")
 
   @property
   def head_size(self) -> int:
@@ -149,8 +152,9 @@ class LLM(nn.Module):
   """Returns (logits [B, T, V], cache or None).
 
   Pass token `ids` [B, T] or precomputed `embeddings` [B, T, D] (LLaVA splices
-  image features into them). Without `mask`, attention is causal over
-  `padding` (True at real tokens); without `positions`, they count the valid
+  image features into them). Without `mask` (an `attention.AttentionMask` or a
+  dense [B, 1, T, S] boolean mask), attention is causal over `padding` (True at
+  real tokens, on either side); without `positions`, they count the valid
   tokens.
   """
 
@@ -193,14 +197,12 @@ class LLM(nn.Module):
       raise ValueError("pass exactly one of ids or embeddings")
     x = self.embed(ids) if embeddings is None else embeddings.astype(jnp.dtype(self.config.dtype))
     b, t = x.shape[:2]
-    if padding is None:
-      padding = jnp.ones((b, t), bool)
     if positions is None:
-      positions = positions_from_valid(padding)
+      positions = positions_from_valid(jnp.ones((b, t), bool) if padding is None else padding)
     if mask is None:
       if cache is not None:
         raise ValueError("with a KV cache, pass the mask over the cache slots")
-      mask = causal_mask(padding)
+      mask = attention.AttentionMask(kv_valid=padding, causal=True)
     x = layers.act_constrain(x)
     x, _, cache = self.decoder(x, mask, positions, cache)
     x = self.norm(x)

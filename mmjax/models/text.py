@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models import layers
+from mmjax.models import attention, layers
 
 # name -> (width, depth, heads). open_clip's text towers.
 TEXT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -38,13 +38,16 @@ class TextConfig:
   scan: bool = True
   remat: str = "none"
   dtype: str = "float32"
-  attention_impl: str | None = None  # jax.nn.dot_product_attention's; "cudnn": flash on GPU
+  attention_impl: str = "auto"  # auto | cpu | xla | cudnn | splash (mmjax.models.attention)
   # Explicit sizes (0 = the size's), for imported checkpoints whose dims are not
   # in TEXT_SIZES; with width, depth and num_heads set, `size` may be "custom".
   width: int = 0
   depth: int = 0
   num_heads: int = 0
   mlp_dim: int = 0  # 0 = width * mlp_ratio
+
+  def __post_init__(self):
+    attention.check_name(self.attention_impl, "TextConfig.attention_impl")
 
   @property
   def dims(self) -> tuple[int, int, int]:
@@ -97,6 +100,8 @@ class TextTransformer(nn.Module):
 
   With `pooled_only` (and unrolled layers) the last block runs at the pooled
   token alone: the same pooled output for less work, and no "tokens".
+  `padding` [B, T] is True at real tokens, which come first (ids are right
+  padded, as CLIP's tokenizers pad).
   """
 
   config: TextConfig
@@ -116,7 +121,7 @@ class TextTransformer(nn.Module):
     pos = self.param("pos_embed", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), ("pos", "embed")), (cfg.context_length, width), jnp.float32)
     x = layers.act_constrain(tok + pos[:t].astype(dtype)[None])
-    mask = layers.make_attention_mask(t, t, padding=padding, causal=True)
+    mask = attention.AttentionMask(kv_valid=padding, causal=True, right_padded=True)
     idx = eos_positions(ids, cfg.pool, cfg.eos_id)
     one_token = pooled_only and pools_one_token(cfg)
     x, _, _ = layers.Stack(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models import layers
+from mmjax.models import attention, layers
 
 # name -> (width, depth, mlp_dim, heads). From the ViT / big_vision tables.
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -107,7 +107,7 @@ class ViTConfig:
   remat: str = "none"
   dtype: str = "float32"
   stem: str = "linear"  # linear | conv (hybrid stem)
-  attention_impl: str | None = None  # jax.nn.dot_product_attention's; "cudnn": flash on GPU
+  attention_impl: str = "auto"  # auto | cpu | xla | cudnn | splash (mmjax.models.attention)
   num_prefix_tokens: int = 1  # 1 = class token; 0 = none (gap / map pooling)
   # Explicit sizes (0 = the variant's), for imported checkpoints whose dims are
   # not in VIT_SIZES; with all four set the variant's SIZE may be "custom".
@@ -115,6 +115,9 @@ class ViTConfig:
   depth: int = 0
   mlp_dim: int = 0
   num_heads: int = 0
+
+  def __post_init__(self):
+    attention.check_name(self.attention_impl, "ViTConfig.attention_impl")
 
   @property
   def size(self) -> dict[str, int]:

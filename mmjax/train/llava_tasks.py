@@ -29,6 +29,7 @@ from mmjax.data import instruct, pipeline, transforms
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.eval import generate as generate_lib
 from mmjax.eval import sharded, vqa
+from mmjax.models import attention
 from mmjax.models import llava as llava_lib
 from mmjax.models import llm as llm_lib
 from mmjax.models.vit import ViTConfig
@@ -114,7 +115,7 @@ class LMTask:
   def loss(self, params, batch, rng):
     del rng
     segments = batch["segments"]
-    mask = llm_lib.causal_mask(segments > 0, segment_ids=segments)
+    mask = attention.AttentionMask(kv_valid=segments > 0, segment_ids=segments, causal=True)
     logits, _ = self.model.apply({"params": params}, batch["tokens"],
                                  positions=batch["positions"], mask=mask)
     loss, count = losses.next_token_loss(logits, losses.shift_labels(batch["labels"]))

@@ -17,6 +17,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from mmjax import backend, checkpoint, parallel
+from mmjax.models import attention
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import optim, step as step_lib, tasks
 
@@ -56,18 +57,29 @@ class _Preemption:
 def setup(config, workdir: str, devices=None):
   """Mesh, task, optimizer, state shardings and checkpointer: what training and
   evaluation share."""
+  backend.configure(config.get("cpu_tuning", "auto"), list(devices or jax.devices()))
   s = build(config, devices)
-  backend.configure(config.get("cpu_tuning", "auto"), list(s["mesh"].devices.flat))
   s["ckpt"] = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       keep=config.keep_checkpoints,
                                       async_save=config.get("async_checkpoints", True))
   return s
 
 
+def check_attention(model_config, platform: str, where: str = "model") -> None:
+  """Every `attention_impl` under the model config, checked by name and against
+  the platform the run compiles for (a ValueError naming the config key)."""
+  for key, value in model_config.items():
+    if key == "attention_impl":
+      attention.check_runnable(value, platform, f"--config.{where}.{key}")
+    elif hasattr(value, "items"):
+      check_attention(value, platform, f"{where}.{key}")
+
+
 def build(config, devices=None, task=None) -> dict[str, Any]:
   """Mesh, task, optimizer and state shardings, touching no files (mmjax.plan
   passes the devices of a TPU topology and a task built without data)."""
   mesh = parallel.make_mesh(config.mesh, devices)
+  check_attention(config.get("model", {}), mesh.devices.flat[0].platform)
   rules = parallel.rules_from_config(config.get("rules"))
   parallel.check_batch_size(config.batch_size, mesh)
   task = tasks.build_task(config) if task is None else task
