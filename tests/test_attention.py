@@ -115,7 +115,9 @@ def test_auto_follows_the_platform_the_run_compiles_for():
   tpu = [types.SimpleNamespace(platform="tpu", device_kind="TPU v5p")]
   gpu = [types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100")]
   with backend.compiling_for(tpu):
-    assert attention.resolve(None) == "splash"
+    assert attention.resolve(None) == "splash"  # 256 keys and more
+    assert attention.resolve(None, length=257) == "splash"
+    assert attention.resolve(None, length=197) == "xla"  # a B/16's tokens: XLA's attention
   with backend.compiling_for(gpu):
     assert attention.resolve("auto", jnp.bfloat16, 64) == "cudnn"
     assert attention.resolve("auto", jnp.float32, 64) == "xla"  # cuDNN's kernel is 16-bit

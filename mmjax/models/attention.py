@@ -11,8 +11,9 @@
   (`jax.experimental.pallas.ops.tpu.splash_attention`), its masks static
   (causal, a fixed prefix) and padding and packing as segment ids; on a CPU it
   runs in Pallas' interpret mode, which is how the tests check it;
-- "auto" (the models' default): splash on TPU, cudnn on GPU for 16-bit
-  activations (xla otherwise), cpu on CPU, following `mmjax.backend.platform()`.
+- "auto" (the models' default): splash on TPU from SPLASH_MIN_LENGTH keys up
+  (xla below), cudnn on GPU for 16-bit activations (xla otherwise), cpu on
+  CPU, following `mmjax.backend.platform()`.
 
 Masks are `AttentionMask`s, which say what they are (causal, padded, packed)
 so that each kernel builds its own form; a dense boolean [B|1, N|1, T, S]
@@ -38,6 +39,11 @@ Array = jax.Array
 IMPLEMENTATIONS = ("auto", "cpu", "xla", "cudnn", "splash")
 _PLATFORMS = {"cudnn": ("gpu",), "splash": ("tpu", "cpu")}  # cpu: Pallas' interpret mode
 SPLASH_BLOCK = 128  # splash pads the sequence to a multiple of this
+# On TPU "auto" runs splash from this many keys up, XLA's attention below:
+# under two blocks the kernel has little to skip and the padding to a block
+# and the head-major copies cost more than the [T, T] scores it saves. The
+# plans in docs/attention.md compare both forms on each side of it.
+SPLASH_MIN_LENGTH = 256
 
 
 def check_name(name: str | None, where: str = "attention_impl") -> str:
@@ -59,14 +65,16 @@ def check_runnable(name: str | None, platform: str, where: str = "attention_impl
   return name
 
 
-def resolve(name: str | None, dtype: Any = jnp.float32, head_dim: int = 64) -> str:
-  """The implementation that `name` means on `backend.platform()`."""
+def resolve(name: str | None, dtype: Any = jnp.float32, head_dim: int = 64,
+            length: int = SPLASH_MIN_LENGTH) -> str:
+  """The implementation that `name` means on `backend.platform()` for keys of
+  `length` positions."""
   platform = backend.platform()
   name = check_runnable(name, platform)
   if name != "auto":
     return name
   if platform == "tpu":
-    return "splash"
+    return "splash" if length >= SPLASH_MIN_LENGTH else "xla"
   if platform == "gpu":
     # cuDNN's flash kernel takes 16-bit inputs and heads of up to 128, in steps of 8.
     fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 \
@@ -134,7 +142,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Mask = None,
                           implementation: str | None = "auto") -> Array:
   """softmax(q k^T) v, unscaled (scale q first): q [B, T, N, H], k and v
   [B, S, K, H] with K dividing N (GQA). Returns [B, T, N, H]."""
-  impl = resolve(implementation, q.dtype, q.shape[-1])
+  impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1])
   if impl == "splash" and not (isinstance(mask, AttentionMask) or mask is None):
     impl = "xla"  # a dense mask: nothing static for the kernel to skip by
   if impl == "splash" and q.shape[1] != k.shape[1]:
