@@ -15,7 +15,8 @@ count as often as their loop runs (XLA's own cost analysis counts them once).
 HBM traffic: each instruction outside a fusion reads its operands and writes
 its result; a slice of an operand (dynamic-slice, also inside a fusion) reads
 only the slice, and an in-place dynamic-update-slice writes only the update.
-Bitcasts, tuples and parameters move nothing.
+Bitcasts, tuples and parameters move nothing. An array in a tiled layout
+(TPU's T(8,128)) takes its padded size.
 
 Network traffic per chip of one collective over a group of n chips, result R
 bytes per chip (the ring algorithms' volumes): all-gather (n-1)/n R,
@@ -28,7 +29,6 @@ bidirectional ICI bandwidth / ports / 2 per direction.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from typing import Any, Sequence
@@ -391,8 +391,10 @@ def analyse(program: Program, chip: Chip, links: Links | None = None,
     # The result per chip; a fused reduce-scatter's result is its output.
     result = inst.nbytes
     if inst.op.endswith("-start") and inst.result.startswith("("):
-      parts = [b for _, _, b in shapes(inst.result)]
-      result = max(parts) if kind == "all-gather" else parts[-1]
+      # (operand, result[, contexts]): the result is the larger, except that
+      # a reduce-scatter's is the smaller; u32[] contexts are not data.
+      parts = [b for _, shape, b in shapes(inst.result) if shape]
+      result = min(parts) if kind == "reduce-scatter" else max(parts)
     attrs = inst.attrs
     if inst.op == "fusion":  # the groups are on the collective inside
       inner = program.computations.get(_called(inst, "calls") or "", [])
@@ -495,10 +497,6 @@ def attention_kernels(program: Program) -> dict[str, int]:
   words = ("attention", "flash", "splash", "fmha", "_mha")
   return {k: n for k, n in sorted(custom_calls(program).items())
           if any(w in k.lower() for w in words)}
-
-
-def dumps(report: dict[str, Any]) -> str:
-  return json.dumps(report, indent=2, default=float)
 
 
 def gathers_as_all_reduce(program: Program) -> int:
