@@ -289,8 +289,9 @@ def _plan(config, devices, chip: Chip, top: int, dump_hlo: str | None) -> dict[s
 
 def jaxpr_flops(jaxpr, times: float = 1.0) -> float:
   """FLOPs of the matmuls (dot_general, convolutions) in a jaxpr, 2 per
-  multiply-add: a scan's body times its length, a cond's costliest branch, a
-  while loop's body once. In a train step's jaxpr the backward pass and what
+  multiply-add: a scan's body times its length, a Pallas kernel's body times
+  its grid (blocks a mask lets it skip included), a cond's costliest branch,
+  a while loop's body once. In a train step's jaxpr the backward pass and what
   remat recomputes are explicit, so this is the work the step asks for
   (XLA's cost analysis of the compiled program counts a loop body once)."""
   from jax.extend import core as jcore
@@ -314,6 +315,8 @@ def jaxpr_flops(jaxpr, times: float = 1.0) -> float:
       total += max((jaxpr_flops(j, times) for j in subs), default=0.0)
     else:
       inner = times * (eqn.params["length"] if name == "scan" else 1)
+      if name == "pallas_call":  # a kernel's body runs once per grid step
+        inner *= math.prod(eqn.params["grid_mapping"].grid)
       total += sum(jaxpr_flops(j, inner) for j in subs)
   return total
 

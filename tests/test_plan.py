@@ -77,6 +77,13 @@ def test_jaxpr_flops_count_scanned_layers_and_remat():
       a, k, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))(
           jnp.ones((2, 32, 32, 3)), jnp.ones((4, 4, 3, 64)))
   assert plan.jaxpr_flops(conv.jaxpr) == 2 * (2 * 8 * 8 * 64) * (4 * 4 * 3)
+  # A Pallas kernel (splash attention, interpret mode here) counts its body per grid step:
+  # the same matmuls as the plain form, forward and backward.
+  from mmjax.models import attention
+  q = jnp.ones((2, 256, 4, 64))
+  for impl in ("cpu", "splash"):
+    f = lambda q, impl=impl: attention.dot_product_attention(q, q, q, None, impl)  # noqa: E731
+    assert plan.jaxpr_flops(jax.make_jaxpr(f)(q).jaxpr) == 4 * 2 * 4 * 256 * 256 * 64
 
 
 def _tiny(**overrides):
