@@ -72,9 +72,11 @@ def clip_model(vision_variant: str, text_size: str, embed_dim: int, *, loss: str
                act: str = "gelu", dtype: str = "float32", scan: bool = True,
                remat: str = "none") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
+      # attention_impl: auto | cpu | xla | cudnn | splash (mmjax.models.attention)
       "vision": {"variant": vision_variant, "pool": "cls", "pre_norm": True, "norm_eps": 1e-5,
-                 "act": act},
-      "text": {"size": text_size, "act": act, "vocab_size": 0},  # 0: the tokenizer's
+                 "act": act, "attention_impl": "auto"},
+      "text": {"size": text_size, "act": act, "vocab_size": 0,  # 0: the tokenizer's
+               "attention_impl": "auto"},
       "embed_dim": embed_dim,
       "loss": loss,
       "dtype": dtype,

@@ -28,9 +28,9 @@ def get_config(arg=None):
   c.stage = a.stage
   c.model = ml_collections.ConfigDict({
       "vision": {"variant": "L/14", "pool": "none", "pre_norm": True, "norm_eps": 1e-5,
-                 "act": "quick_gelu"},
+                 "act": "quick_gelu", "attention_impl": "auto"},
       # Vicuna-7B v1.5 (Llama-2-7B); HF's llava-1.5 pads the vocabulary to 32064.
-      "llm": {"size": "7B", "vocab_size": 32064},
+      "llm": {"size": "7B", "vocab_size": 32064, "attention_impl": "auto"},
       "projector": "mlp2x_gelu",
       "feature_layer": -2,  # penultimate layer, class token dropped: 576 tokens
       "keep_cls": False,

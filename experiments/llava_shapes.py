@@ -47,8 +47,9 @@ def model_config(a) -> ml_collections.ConfigDict:
       # by token: no pooling; a class token only where that CLIP pools with one.
       "vision": {"variant": f"{a.vision}/{a.patch}", "pool": "none", "stem": a.stem,
                  "num_prefix_tokens": int(a.pool == "cls"), "pre_norm": True,
-                 "norm_eps": 1e-5, "act": "gelu"},
-      "llm": {"size": a.llm, "vocab_size": 0, "tie_embeddings": False},  # 0: the tokenizer's
+                 "norm_eps": 1e-5, "act": "gelu", "attention_impl": "auto"},
+      "llm": {"size": a.llm, "vocab_size": 0, "tie_embeddings": False,  # 0: the tokenizer's
+              "attention_impl": "auto"},
       "projector": "mlp2x_gelu",
       "feature_layer": -2,
       "keep_cls": False,

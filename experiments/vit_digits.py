@@ -50,7 +50,7 @@ def vit_model(variant: str, pool: str = "cls", stem: str = "linear", *, num_clas
               dtype: str = "float32", remat: str = "none") -> ml_collections.ConfigDict:
   """model: the ViTConfig keys under `vision`; num_classes 0 = the dataset's."""
   return ml_collections.ConfigDict({
-      "vision": {"variant": variant, "pool": pool, "stem": stem},
+      "vision": {"variant": variant, "pool": pool, "stem": stem, "attention_impl": "auto"},
       "num_classes": num_classes, "dtype": dtype, "scan": True, "remat": remat})
 
 

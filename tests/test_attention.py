@@ -131,3 +131,14 @@ def test_unknown_or_unrunnable_forms_are_config_errors_naming_the_key():
   with pytest.raises(ValueError, match=r"--config\.model\.vision\.attention_impl='cudnn' runs on gpu"):
     loop.check_attention(model, "cpu")
   loop.check_attention(model, "gpu")
+
+
+@pytest.mark.parametrize("name", ["clip_shapes", "clip_vit_b16", "clip_vit_l14", "siglip_b16",
+                                  "llava_shapes", "llava15_7b", "lm_shapes", "vit_digits"])
+def test_every_tower_of_the_experiments_can_choose_its_attention(name):
+  """--config.model.{vision,text,llm}.attention_impl=... works on the locked
+  config only where the key exists: every tower has it, set to auto."""
+  import importlib
+  c = importlib.import_module(f"experiments.{name}").get_config()
+  towers = [c.model[t] for t in ("vision", "text", "llm") if t in c.model]
+  assert towers and all(t["attention_impl"] == "auto" for t in towers)
