@@ -290,8 +290,8 @@ def _plan(config, devices, chip: Chip, top: int, dump_hlo: str | None) -> dict[s
 def jaxpr_flops(jaxpr, times: float = 1.0) -> float:
   """FLOPs of the matmuls (dot_general, convolutions) in a jaxpr, 2 per
   multiply-add: a scan's body times its length, a Pallas kernel's body times
-  its grid (blocks a mask lets it skip included), a cond's costliest branch,
-  a while loop's body once. In a train step's jaxpr the backward pass and what
+  its grid (blocks a mask lets it skip included), a shard_map's body times its
+  shards, a cond's costliest branch, a while loop's body once. In a train step's jaxpr the backward pass and what
   remat recomputes are explicit, so this is the work the step asks for
   (XLA's cost analysis of the compiled program counts a loop body once)."""
   from jax.extend import core as jcore
@@ -317,6 +317,11 @@ def jaxpr_flops(jaxpr, times: float = 1.0) -> float:
       inner = times * (eqn.params["length"] if name == "scan" else 1)
       if name == "pallas_call":  # a kernel's body runs once per grid step
         inner *= math.prod(eqn.params["grid_mapping"].grid)
+      elif name == "shard_map":  # the body's shapes are one shard's: it runs on every one
+        mesh = eqn.params["mesh"]
+        axes = eqn.params.get("newly_manual_axes") or eqn.params.get("manual_axes") or \
+            mesh.axis_names
+        inner *= math.prod(mesh.shape[a] for a in axes)
       total += sum(jaxpr_flops(j, inner) for j in subs)
   return total
 

@@ -84,6 +84,14 @@ def test_jaxpr_flops_count_scanned_layers_and_remat():
   for impl in ("cpu", "splash"):
     f = lambda q, impl=impl: attention.dot_product_attention(q, q, q, None, impl)  # noqa: E731
     assert plan.jaxpr_flops(jax.make_jaxpr(f)(q).jaxpr) == 4 * 2 * 4 * 256 * 256 * 64
+  # A shard_map's body is one shard's work, done by every shard.
+  from jax.sharding import Mesh, PartitionSpec as P
+  import numpy as np
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("d", "e"))
+  sharded = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("d"), P()),
+                          out_specs=P("d"))
+  assert plan.jaxpr_flops(jax.make_jaxpr(sharded)(jnp.ones((8, 16)), jnp.ones((16, 32))).jaxpr) \
+      == 2 * 8 * 16 * 32 * 2  # 4 shards of [4, 16] @ [16, 32]: the product twice (e replicates)
 
 
 def _tiny(**overrides):
