@@ -84,6 +84,17 @@ def make_batch(c: dict, seed: int = 0):
   return images, ids
 
 
+def device_batch(c: dict, mesh, seed: int = 0) -> dict:
+  """make_batch's images and ids on the mesh, split along its batch axes."""
+  import jax
+
+  from mmjax import parallel
+  images, ids = make_batch(c, seed)
+  return jax.device_put({"image": images, "text": ids},
+                        {"image": parallel.batch_sharding(mesh, 4),
+                         "text": parallel.batch_sharding(mesh, 2)})
+
+
 # --------------------------------------------------------------------------
 # open_clip
 

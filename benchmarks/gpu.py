@@ -79,10 +79,7 @@ def clip_run(smoke: bool, steps: int, attention: str) -> dict:
     c["batch"] = batch
     config = clip_step.mmjax_config(c, opts)
     step, state, task, mesh, rules = clip_step.build_mmjax_step(config)
-    images, ids = clip_step.make_batch(c)
-    data = jax.device_put({"image": images, "text": ids},
-                          {"image": parallel.batch_sharding(mesh, 4),
-                           "text": parallel.batch_sharding(mesh, 2)})
+    data = clip_step.device_batch(c, mesh)
     with parallel.activate(mesh, rules):
       start = time.perf_counter()
       compiled = step.lower(state, data).compile()

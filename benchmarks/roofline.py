@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 from benchmarks import common
@@ -46,10 +47,7 @@ def run_config(name: str, repeats: int, steps: int, warmup: int) -> dict:
   c = clip_step.CONFIGS[name]
   config = clip_step.mmjax_config(c, clip_step.Options())
   train_step, state, task, mesh, rules = clip_step.build_mmjax_step(config)
-  images, ids = clip_step.make_batch(c)
-  batch = jax.device_put({"image": images, "text": ids},
-                         {"image": parallel.batch_sharding(mesh, 4),
-                          "text": parallel.batch_sharding(mesh, 2)})
+  batch = clip_step.device_batch(c, mesh)
   with parallel.activate(mesh, rules):
     traced = train_step.trace(state, batch)
     program = roofline.parse(traced.lower().compile().as_text())
@@ -83,7 +81,6 @@ def run_config(name: str, repeats: int, steps: int, warmup: int) -> dict:
 
 
 def main(argv=None):
-  common.configure_host()
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--configs", default="tiny,small")
   p.add_argument("--repeats", type=int, default=5)
@@ -91,6 +88,8 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--out", default=None)
   a = p.parse_args(argv)
+  if "jax" not in sys.modules:
+    common.configure_host()
   rows = [run_config(n, a.repeats, a.steps, a.warmup) for n in a.configs.split(",")]
   print("CLIP train step on this CPU: the roofline's prediction against the measured step")
   print(f"  {'config':8s} {'compute':>9s} {'memory':>9s} {'bound':>8s} {'predicted':>10s} "

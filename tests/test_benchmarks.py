@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import (attention, clip_step, compile as compile_bench, gpu, llava_step,
-                        lookup_plateau, matmul)
+                        lookup_plateau, matmul, roofline as roofline_bench)
 from mmjax.data import instruct, shapes
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import llm as llm_lib
@@ -81,6 +81,17 @@ def test_attention_benchmark_tiny(tmp_path):
   assert row["max_abs_difference_from_xla"] < 1e-5
   assert row["xla_over_ours_fwd"] > 0 and row["xla_over_ours_fwd+bwd"] > 0
   assert all(ms > 0 for ms in row["median_ms"].values())
+
+
+def test_roofline_benchmark_predicts_and_measures_the_cpu_step(tmp_path):
+  out = tmp_path / "roofline.json"
+  roofline_bench.main(["--configs=tiny", "--repeats=1", "--steps=1", "--warmup=1",
+                       f"--out={out}"])
+  [r] = json.load(open(out))["rows"]
+  assert r["bound"] in ("compute", "hbm") and r["predicted_step_s"] == max(r["predicted"].values())
+  assert r["measured_step_s"] > 0 and r["hbm_bytes"] > 0
+  assert r["step_flops"] > 0.5 * r["model_flops"]
+  assert r["measured_over_predicted"] == pytest.approx(r["measured_step_s"] / r["predicted_step_s"])
 
 
 def test_matmul_benchmark_tiny(tmp_path):
