@@ -87,9 +87,25 @@ class Checkpointer:
                        "data": ocp.JsonCheckpointHandler()})
 
   def _set_aside_torn(self) -> None:
-    """Every process looks; process 0 moves the torn folders; all wait for it."""
+    """Every process looks; process 0 moves the torn folders; all wait for it.
+
+    All have looked before process 0 moves anything (a barrier), so that all
+    see the same folders and meet the same barriers after: a process that
+    looked after the move would skip the wait and meet Orbax's next barrier
+    alone."""
+    torn = self._torn_folders()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("mmjax.checkpoint: looked for torn folders")
+    for name, reason in torn:
+      logging.warning("checkpoint %s is incomplete (%s): not loaded, moved to %s.torn/",
+                      os.path.join(self.directory, name), reason, self.directory)
+    if torn:
+      self._move_aside([name for name, _ in torn])
+
+  def _torn_folders(self) -> list[tuple[str, str]]:
+    """(name, why) of each step folder that is not a whole checkpoint."""
     if not os.path.isdir(self.directory):
-      return
+      return []
     torn = []
     for name in sorted(os.listdir(self.directory)):
       path = os.path.join(self.directory, name)
@@ -103,11 +119,7 @@ class Checkpointer:
         continue
       if reason:
         torn.append((name, reason))
-    for name, reason in torn:
-      logging.warning("checkpoint %s is incomplete (%s): not loaded, moved to %s.torn/",
-                      os.path.join(self.directory, name), reason, self.directory)
-    if torn:
-      self._move_aside([name for name, _ in torn])
+    return torn
 
   def _move_aside(self, names: list[str]) -> None:
     """Process 0 moves the step folders to <directory>.torn/; every process waits."""
