@@ -188,7 +188,11 @@ def test_a_killed_peer_stops_the_run_which_then_resumes(data_dir, tmp_path):
   env = _env(data_dir, MMJAX_LOG_DIR=logs, MMJAX_STOP_GRACE="10", MMJAX_HEARTBEAT_TIMEOUT="10")
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: len(_rows(workdir)) >= 3, proc, "3 logged steps", poll=0.05)
+  # A finished checkpoint first (the async save of step 2 can still be in
+  # flight at step 3 on a loaded machine): the resumed run must find one.
+  ckpts = workdir / "checkpoints"
+  _wait_for(lambda: len(_rows(workdir)) >= 3 and ckpts.is_dir() and any(
+      n.isdigit() for n in os.listdir(ckpts)), proc, "3 logged steps and a checkpoint", poll=0.05)
   peer = _pid_of(1, logs)
   assert peer is not None
   os.kill(peer, signal.SIGKILL)
