@@ -111,7 +111,7 @@ def main(argv=None) -> dict[str, Any]:
             f"{'-' if torch_ms is None else format(r[f'torch_over_ours_{part}'], '.2f') + 'x':>12}")
   results = {"benchmark": "attention", "machine": common.machine(), "repeats": args.repeats,
              "shapes": {r["name"]: r for r in rows}}
-  common.write_json(args.out, results)
+  common.save("attention", results, args.out, complete=args.complete)
   return results
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -34,9 +35,15 @@ def configure_host(xla_flags: tuple[str, ...] = CPU_XLA_FLAGS) -> None:
   os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
 
 
+# Where a run of a benchmark's default selection writes its results: one file per
+# benchmark and machine kind, BENCHMARK_KIND.json, replaced by the next such run.
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
 def machine() -> dict[str, Any]:
-  """What the numbers were measured on, with the load average at the time."""
-  info = {"platform": platform.platform(), "cpus": os.cpu_count(),
+  """What the numbers were measured on, with the date and the load average."""
+  info = {"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
+          "cpus": os.cpu_count(),
           "processor": _cpu_model(), "vector_isa": _vector_isa(),
           "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -45,6 +52,45 @@ def machine() -> dict[str, Any]:
   info["jax"] = jax.__version__
   info["device"] = jax.devices()[0].device_kind
   return info
+
+
+def machine_kind(info: dict[str, Any]) -> str:
+  """The kind of machine of `machine()`'s description, as results files name it:
+  `cpu2-amd-epyc-avx2` (cores, processor, widest vector unit) on a CPU, the
+  accelerator's own kind otherwise (`nvidia-h100-80gb-hbm3`, `tpu-v5p`)."""
+  if info["device"].lower() != "cpu":
+    return _slug(info["device"])
+  isa = info.get("vector_isa") or []
+  width = "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa else "base"
+  return f"cpu{info['cpus']}-{_slug(info['processor'])}-{width}"
+
+
+def _slug(text: str) -> str:
+  text = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$|\d+-core processor", " ", text.lower())
+  return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
+
+
+def is_default_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   ignore: tuple[str, ...] = ("out", "repeats", "steps", "warmup",
+                                              "data_dir")) -> bool:
+  """Whether `args` measure what the benchmark measures by default (the number
+  of repeats aside): only such a run replaces the results file."""
+  defaults = vars(parser.parse_args([]))
+  return all(v == defaults[k] for k, v in vars(args).items() if k not in ignore)
+
+
+def save(benchmark: str, results: dict[str, Any], out: str | None, *, complete: bool) -> str | None:
+  """Writes `results` as JSON to `out`; without `out`, a `complete` run (the
+  benchmark's default selection, its peer included) replaces
+  benchmarks/results/BENCHMARK_KIND.json and any other run is not written."""
+  if out is None:
+    if not complete:
+      print("\nnot saved: not the benchmark's default run (or its peer was missing); "
+            "--out=FILE writes it")
+      return None
+    out = os.path.join(RESULTS_DIR, f"{benchmark}_{machine_kind(results['machine'])}.json")
+  write_json(out, results)
+  return out
 
 
 def _vector_isa() -> list[str]:
@@ -214,6 +260,10 @@ def print_table(title: str, rows: list[dict[str, Any]], peer: str) -> None:
             f"{r['peer_loss_at_step_0']:.6f} (difference {r['loss_difference_at_step_0']:.2e})")
 
 
+OUT_HELP = ("write the results as JSON here (default: a run of the default selection "
+            "replaces benchmarks/results/BENCHMARK_MACHINE-KIND.json)")
+
+
 def write_json(path: str | None, results: dict[str, Any]) -> None:
   if not path:
     return
@@ -231,8 +281,9 @@ def shape_args(argv, *, benchmark: str, shapes: dict, default: str) -> tuple[lis
   parser.add_argument("--shapes", default=default, help=f"comma-separated: {list(shapes)}")
   parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  parser.add_argument("--out", default=None, help=OUT_HELP)
   args = parser.parse_args(argv)
+  args.complete = is_default_run(parser, args)
   names = [n for n in args.shapes.split(",") if n]
   unknown = sorted(set(names) - set(shapes))
   if unknown:
@@ -254,7 +305,7 @@ def step_main(argv, *, benchmark: str, configs: dict, run_config: Callable, opti
   parser.add_argument("--scan", action="store_true", help="scan the layers (default: unrolled)")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--no_peer", action="store_true", help="time mmjax alone")
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  parser.add_argument("--out", default=None, help=OUT_HELP)
   args = parser.parse_args(argv)
   if "jax" not in sys.modules:
     configure_host()
@@ -269,5 +320,6 @@ def step_main(argv, *, benchmark: str, configs: dict, run_config: Callable, opti
              "steps_per_repeat": args.steps, "configs": {r["name"]: r for r in rows}}
   print_table(title, rows, peer)
   print(f"load average (1, 5, 15 min): {results['machine']['load_avg_1_5_15']}")
-  write_json(args.out, results)
+  complete = is_default_run(parser, args) and all(r["ratio"] is not None for r in rows)
+  save(benchmark, results, args.out, complete=complete)
   return results

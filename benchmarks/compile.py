@@ -92,7 +92,7 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--no_scan", action="store_true", help="unrolled layers")
   parser.add_argument("--remat", default="none")
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  parser.add_argument("--out", default=None, help=common.OUT_HELP)
   args = parser.parse_args(argv)
   if "jax" not in sys.modules:
     common.configure_host()
@@ -106,7 +106,7 @@ def main(argv=None):
   print(f"  host memory: {r['rss_before_mib']} MiB before, peak {r['peak_rss_mib']} MiB "
         f"(+{r['peak_rss_growth_mib']} MiB)")
   print(f"load average (1, 5, 15 min): {results['machine']['load_avg_1_5_15']}")
-  common.write_json(args.out, results)
+  common.save("compile", results, args.out, complete=common.is_default_run(parser, args))
   return results
 
 

@@ -9,14 +9,13 @@ the preparation time of shapes at its default sizes is measured too.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import tempfile
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 
 def _pipeline_rate(cfg, batch_size: int, steps: int, warmup: int = 4) -> float:
@@ -108,7 +107,7 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
   parser.add_argument("--num_train", type=int, default=20000, help="shapes train size")
   parser.add_argument("--skip_model", action="store_true", help="no CLIP step timing")
-  parser.add_argument("--out", default=None, help="write the results as JSON here")
+  parser.add_argument("--out", default=None, help=common.OUT_HELP)
   args = parser.parse_args(argv)
 
   from mmjax import data
@@ -118,7 +117,7 @@ def main(argv=None):
   data_dir = args.data_dir
   if data_dir is None:
     tmp = data_dir = tempfile.mkdtemp(prefix="mmjax_bench_")
-  results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+  results = {"benchmark": "data_pipeline", "machine": common.machine(),
              "batch_size": args.batch_size, "pipelines": [], "models": []}
   try:
     shapes_cfg = data.default_data_config("shapes")
@@ -177,10 +176,7 @@ def main(argv=None):
           f"{'':>28}{r['images_per_s']:>10.0f}")
     print(f"{'tiny CLIP step, fed (' + r['dataset'] + ')':<34}{r['image_size']:>5}"
           f"{'':>28}{r['fed_by_pipeline_images_per_s']:>10.0f}")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}")
+  common.save("data_pipeline", results, args.out, complete=common.is_default_run(parser, args))
   return results
 
 

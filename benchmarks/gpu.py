@@ -155,7 +155,7 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny models: checks the script on CPU")
   parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
   parser.add_argument("--only", default="clip,llava")
-  parser.add_argument("--out", default=None)
+  parser.add_argument("--out", default=None, help=common.OUT_HELP)
   args = parser.parse_args(argv)
   if "jax" not in sys.modules and args.smoke:
     common.configure_host()
@@ -183,7 +183,7 @@ def main(argv=None):
   for name in ("clip", "llava"):
     if name in results and not results[name]["finite"]:
       raise SystemExit(f"{name}: non-finite loss {results[name]['loss']}")
-  common.write_json(args.out, results)
+  common.save("gpu", results, args.out, complete=common.is_default_run(parser, args))
   return results
 
 

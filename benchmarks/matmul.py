@@ -117,7 +117,7 @@ def main(argv=None) -> dict[str, Any]:
       print(f"{row['product']:<14}{row['einsum']:<15}{row['flops'] / 1e9:>7.2f}"
             f"{row['xla_gflops_per_sec']:>8.0f}{'-' if torch_rate is None else f'{torch_rate:.0f}':>8}"
             f"{'-' if ratio is None else f'{ratio:.2f}x':>11}")
-  common.write_json(args.out, results)
+  common.save("matmul", results, args.out, complete=args.complete)
   return results
 
 

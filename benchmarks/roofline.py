@@ -86,7 +86,7 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--out", default=None)
+  p.add_argument("--out", default=None, help=common.OUT_HELP)
   a = p.parse_args(argv)
   if "jax" not in sys.modules:
     common.configure_host()
@@ -102,7 +102,8 @@ def main(argv=None):
           f"{100 * r['measured_mfu']:7.1f}%")
   print(f"  (this host: {rows[0]['matmul_peak_flops'] / 1e9:.0f} GFLOP/s float32 matmul, "
         f"{rows[0]['copy_bandwidth'] / 1e9:.1f} GB/s copy)")
-  common.write_json(a.out, {"benchmark": "roofline", "machine": common.machine(), "rows": rows})
+  common.save("roofline", {"benchmark": "roofline", "machine": common.machine(), "rows": rows},
+              a.out, complete=common.is_default_run(p, a))
   return rows
 
 
