@@ -12,7 +12,7 @@ two steps are timed alternately in one process after a warm-up, and each
 repeat also probes the host's float32 matmul peak; medians are reported.
 
 open_clip needs torch 2.14.1 + torchvision 0.29.1 (the `bench` extra, in its
-own environment; BUILD.md, 'Performance'). Without it the peer is skipped and
+own environment; docs/performance.md). Without it the peer is skipped and
 its numbers are null.
 """
 
@@ -35,7 +35,7 @@ CONFIGS = {
 
 @dataclasses.dataclass
 class Options:
-  """mmjax's knobs the benchmark can vary (BUILD.md lists what they gave)."""
+  """mmjax's knobs the benchmark can vary."""
   scan: bool = False
   remat: str = "none"
   dtype: str = "float32"
@@ -222,7 +222,7 @@ def run_config(name: str, opts: Options, repeats: int, steps: int, warmup: int,
       import torch
     except ImportError as e:
       note = (f"open_clip not importable ({e}); install the bench extra with torch 2.14.1 + "
-              f"torchvision 0.29.1 (BUILD.md) to compare")
+              f"torchvision 0.29.1 (docs/performance.md) to compare")
     else:
       torch.manual_seed(0)
       model = open_clip_model(c)

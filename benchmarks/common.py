@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Callable
 
-# XLA's CPU flags the step benchmarks run with (BUILD.md, 'Performance'): Eigen's
+# XLA's CPU flags the step benchmarks run with (docs/performance.md): Eigen's
 # multi-threaded contractions (the default, kept explicit).
 CPU_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=true",)
 

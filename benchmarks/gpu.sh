@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness (issue #8): CLIP ViT-B/16 + B text tower (bfloat16, cuDNN flash
+# GPU readiness: CLIP ViT-B/16 + B text tower (bfloat16, cuDNN flash
 # attention, the largest batch that fits) and a LLaVA stage-2 step with a ~1B
 # LLM on one GPU; prints examples/s and MFU against the chip's bf16 peak
 # (989 TFLOP/s on H100). Finishes within 8 minutes or is stopped.

@@ -30,7 +30,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:
-  """The keys every experiment has (ARCHITECTURE.md, 'The public face')."""
+  """The keys every experiment has, so that any run can be reshaped from the
+  command line (docs/training.md)."""
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0

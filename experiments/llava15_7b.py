@@ -1,7 +1,7 @@
 """LLaVA-1.5-7B: CLIP ViT-L/14-336 (frozen), an mlp2x_gelu projector, Vicuna-7B,
 for GPU / TPU. Stage 1 aligns the projector on LCS-558K captions; stage 2 tunes
-projector and LLM on llava_v1_5_mix665k (hyperparameters of the paper's
-scripts: REFERENCE.md).
+projector and LLM on llava_v1_5_mix665k (hyperparameters of the LLaVA-1.5
+paper's training scripts).
 
   python -m mmjax.train --config=experiments/llava15_7b.py:stage=1,clip=CLIP_DIR,lm=VICUNA_DIR \\
       --workdir=gs://bucket/llava15_s1 --config.data.json_path=.../blip_laion_cc_sbu_558k.json \\

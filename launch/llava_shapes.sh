@@ -38,8 +38,8 @@ else
   CLIP="$DIR/clip"
   stamp "CLIP (vision tower) -> $CLIP"
   # The tower that experiments/llava_shapes.py expects: clip_shapes.py's own,
-  # trained on scenes of one to four objects (half of them single-object), as
-  # the LLaVA results in BUILD.md were measured with.
+  # trained on scenes of one to four objects (half of them single-object), so
+  # that the tower also sees scenes it must count.
   $PY -m mmjax.train --config="experiments/clip_shapes.py:steps=$CLIP_STEPS,single=0.5" \
       --workdir="$CLIP" --config.eval_every="$CLIP_STEPS" --config.checkpoint_every="$CLIP_STEPS"
 fi

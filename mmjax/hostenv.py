@@ -5,10 +5,8 @@ temporaries) from malloc and frees them when the step ends. glibc serves any
 allocation above its mmap threshold (32 MiB at most) with fresh pages from the
 kernel and gives them back on free, and the arenas of its worker threads trim
 their heaps as well, so every step faults its working set in again, page by
-page. Measured on the 2-core development machine, CLIP's `small` benchmark step
-(BUILD.md, 'Performance'): 15.6 s a step with glibc's defaults (8.8 million
-minor page faults over the run, a quarter of the CPU time in the kernel), 10.4 s
-with the tunables below (1.8 million faults).
+page: minor page faults then take a large share of a CPU step's time
+(docs/performance.md measures it).
 
 `MALLOC_TUNABLES` keeps freed memory in the process for the next step: one
 arena (the main heap), no mmap for large blocks, no trimming. The resident set

@@ -2,7 +2,7 @@
 
 The main job's own target (clip_shapes, zero-shot >= 0.90 in 10 minutes) is a
 run of about 8 minutes on an idle 2-core CPU, too long beside the rest of CI;
-BUILD.md records its runs. clip_digits learns in about a
+docs/results.md has its numbers and command. clip_digits learns in about a
 minute, so its target is checked here on a shortened schedule.
 """
 

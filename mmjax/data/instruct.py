@@ -229,8 +229,7 @@ def scene_questions(scene: dict, rng: np.random.Generator,
   red shape is in the top left.", "Anything red: yes."), so that the token that
   decides the answer comes after the one it is about, copied from the
   question: the look-up in the image is then one step, from a token of the
-  answer itself (BUILD.md, 'Why stage 2 stops near 0.55', session 14).
-  Colour, shape and count of the largest / all objects stay short either way."""
+  answer itself. Colour, shape and count of the largest / all objects stay short either way."""
   if answers not in ANSWER_STYLES:
     raise ValueError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
   restate = answers == "restate"
@@ -328,9 +327,9 @@ def conversation(scene: dict, rng: np.random.Generator, num_turns: int,
   existence_turns=0: `num_turns` distinct question types, drawn uniformly.
   existence_turns=k: k of the turns ask whether a colour is present (each
   about its own colour, yes or no by its own draw), the others are distinct
-  types drawn from the rest, in a random order. Existence is the look-up that
-  stage 2 learns only when it makes ~40% of the answers (BUILD.md, 'Why stage
-  2 stops near 0.55', session 15): at 1/7 of them it stays at chance."""
+  types drawn from the rest, in a random order. This sets the share of the
+  answers that need a look-up of a colour in the image: drawn uniformly it is
+  one in seven of the question types."""
   qs = scene_questions(scene, rng, answers)
   if existence_turns:
     if not 0 < existence_turns <= num_turns:

@@ -49,10 +49,6 @@ LLM_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64),
     "nano": dict(width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384),
     "micro": dict(width=256, depth=4, num_heads=8, num_kv_heads=4, mlp_dim=768),
-    # micro's width at half its depth (1.3-2x nano's time per LLaVA step on
-    # a CPU): the oracle look-up study learns two look-ups at once with it,
-    # nano neither (BUILD.md, 'Why stage 2 stops near 0.55', session 17).
-    "wide": dict(width=256, depth=2, num_heads=8, num_kv_heads=4, mlp_dim=768),
     # Llama-3.2-1B: tied embeddings, theta 5e5.
     "1B": dict(width=2048, depth=16, num_heads=32, num_kv_heads=8, mlp_dim=8192,
                vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),

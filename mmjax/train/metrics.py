@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip (REFERENCE.md), matched in order against
+# Dense bf16 peak FLOP/s per chip (the vendors' spec pages), matched in order against
 # device_kind. A v5p calls itself "TPU v5" and a v5e "TPU v5 lite": the lite
 # entries come first.
 PEAK_FLOPS = (("h100", 989e12), ("h200", 989e12), ("v5p", 459e12), ("v5 lite", 197e12),

@@ -1,6 +1,6 @@
 """How many answers of one question type the LLM needs before it leaves chance.
 
-  python -m benchmarks.lookup_plateau --out=runs/lookup_plateau [--runs=mix,existence_alone]
+  python -m research.lookup_plateau --out=runs/lookup_plateau [--runs=mix,existence_alone]
 
 A study of stage 2 of experiments/llava_shapes.py without the vision tower: the
 image tokens are *oracle* features, the colour of each patch read off the
@@ -296,7 +296,7 @@ def write_report(args, results: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.lookup_plateau",
+  parser = argparse.ArgumentParser(prog="python -m research.lookup_plateau",
                                    description=__doc__.split("\n")[0])
   add = parser.add_argument
   add("--out", required=True, help="output folder")

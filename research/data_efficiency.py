@@ -1,6 +1,6 @@
 """ViT data efficiency: 10% of the train labels, five ways to train the same ViT.
 
-  python -m benchmarks.data_efficiency --out=runs/data_efficiency [--processes=4]
+  python -m research.data_efficiency --out=runs/data_efficiency [--processes=4]
 
 On a fixed random `--label_fraction` of the train labels (the same examples for
 every run), the same ViT and the same fine-tuning budget (steps, batch, lr,
@@ -183,7 +183,7 @@ def _wait_for(path: str) -> None:
 def _run_children(out: str, seeds: list[int], methods: list[str]) -> None:
   """The MAE pretraining and each seed in their own process; fails if any fails."""
   passed = [a for a in sys.argv[1:] if not a.startswith(("--role", "--seeds", "--processes"))]
-  base = [sys.executable, "-m", "benchmarks.data_efficiency", *passed, "--processes=1"]
+  base = [sys.executable, "-m", "research.data_efficiency", *passed, "--processes=1"]
   jobs = []
   if "mae" in methods:
     jobs.append(("mae_pretrain", base + ["--role=mae_pretrain"]))
