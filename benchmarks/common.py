@@ -129,13 +129,11 @@ def build_mmjax_step(config, task, devices=None):
   `task` on `devices` (default: the first device)."""
   import jax
 
-  from mmjax import parallel
   from mmjax.train import loop, step as step_lib
   devices = devices or jax.devices()[:1]
   s = loop.build(config, devices, task=task)
-  with parallel.activate(s["mesh"], s["rules"]):
-    state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
-                    out_shardings=s["shardings"])()
+  state = step_lib.create_state(task, s["tx"], config.seed, s["mesh"], s["rules"],
+                                s["shardings"])
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"]),
       s["shardings"], s["mesh"], task.batch_spec(config.batch_size))

@@ -69,8 +69,8 @@ def mmjax_config(c: dict, opts: Options, lr: float = 2e-5):
 
 def build_mmjax_step(config, devices=None):
   """(jitted train step, initial state, task, mesh, rules) of the llava task."""
-  from mmjax.train import llava_tasks
-  task = llava_tasks.LLaVATask(config, with_data=False)
+  from mmjax.train import tasks
+  task = tasks.LLaVATask(config, with_data=False)
   train_step, state, mesh, rules = common.build_mmjax_step(config, task, devices)
   return train_step, state, task, mesh, rules
 

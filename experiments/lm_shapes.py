@@ -25,7 +25,7 @@ def get_config(arg=None):
       common.parse_arg(None, llm=a.llm, posemb=False, merge=1, **clip_shapes.TOWER))
   c.model = {k: llava[k] for k in ("llm", "dtype", "scan", "remat")}  # the LLaVA's own LLM
   c.data = llava_shapes.instruct_data(a)
-  # Each file's share of the documents (mmjax.train.llava_tasks.LMTask):
+  # Each file's share of the documents (mmjax.train.tasks.llava.LMTask):
   # --config.data.lm_weights.grounded=3 repeats the described scenes 3 times.
   c.data.lm_weights = {"captions": 1.0, "instruct": 1.0, "grounded": 1.0}
   c.eval.batch_size = 32

@@ -226,19 +226,6 @@ def shardings_for(boxed_abstract: Any, mesh: Mesh,
   return jax.tree.map(one, unboxed, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def sharded_init(init_fn, mesh: Mesh, rules: Sequence[tuple[str, Any]], *args) -> Any:
-  """Runs `init_fn(*args)` under jit with every output placed by the rules.
-
-  The weights are created already sharded: no host ever holds them whole.
-  Returns the unboxed tree. The rules are deliberately not active while
-  tracing: out_shardings place the result, and flax would otherwise constrain
-  per-layer slices inside nn.scan with the stacked (`layers`) names.
-  """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = shardings_for(abstract, mesh, rules)
-  return jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-
-
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
   """The mesh axes that split the batch: (dcn,) data, fsdp."""
   return tuple(a for a in BATCH_AXES if a in mesh.axis_names)

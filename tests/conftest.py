@@ -50,7 +50,7 @@ def init_params(model, *args, seed: int = 0):
 # pyproject.toml), in this order: a module-scoped fixture (a trained workdir,
 # the matrix's runs) is built once, not once per worker.
 HEAVY_FIRST = ("test_multiprocess", "test_recipes", "test_faults", "test_llava", "test_cli",
-               "test_vit_tasks", "test_embed", "test_plan", "test_sharding_plans",
+               "test_tasks_vit", "test_embed", "test_plan", "test_sharding_plans",
                "test_convert_trained", "test_benchmarks", "test_train",
                "test_visualize", "test_scale_mesh", "test_llm", "test_layers", "test_parallel")
 

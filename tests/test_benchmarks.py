@@ -125,3 +125,25 @@ def test_results_files_are_named_by_benchmark_and_machine_kind(tmp_path, monkeyp
   parser.add_argument("--out", default=None)
   assert common.is_default_run(parser, parser.parse_args(["--repeats=2", "--out=f"]))
   assert not common.is_default_run(parser, parser.parse_args(["--configs=tiny"]))
+
+
+def test_the_docs_tables_are_made_from_the_results_files(tmp_path, monkeypatch):
+  from benchmarks import tables
+  # docs/performance.md holds what `python -m benchmarks.tables` makes of results/
+  assert tables.main(["--check"]) == 0
+  # a results file changes the table between its markers, and only there
+  monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+  row = {"name": "small", "batch": 32, "peer": "open_clip", "mmjax_examples_per_sec": 3.0,
+         "peer_examples_per_sec": 2.0, "ratio": 1.5, "fraction_of_peak": 0.6,
+         "loss_difference_at_step_0": 0.0}
+  machine = {"device": "cpu", "cpus": 2, "processor": "AMD EPYC", "vector_isa": ["avx2"],
+             "date": "2026-12-08"}
+  common.save("clip_step", {"benchmark": "clip_step", "machine": machine,
+                            "configs": {"small": row}}, None, complete=True)
+  text = "intro\n<!-- results:clip_step -->\nold\n<!-- /results:clip_step -->\nend\n"
+  new = tables.render(text, tables.load(str(tmp_path)))
+  assert new.startswith("intro\n<!-- results:clip_step -->\n| machine, date |")
+  assert "| cpu2-amd-epyc-avx2, 2026-12-08 | small | 32 | 3 | 2 | **1.50x** | 60% |" in new
+  assert "old" not in new and new.endswith("<!-- /results:clip_step -->\nend\n")
+  with pytest.raises(KeyError, match="no table for benchmark 'nope'"):
+    tables.render("<!-- results:nope -->\n<!-- /results:nope -->", {})

@@ -250,7 +250,7 @@ def test_lm_documents_are_weighted_per_file(runs):
 
 
 def test_greedy_exact_needs_every_answer_token():
-  from mmjax.train.llava_tasks import greedy_exact
+  from mmjax.train.tasks.llava import greedy_exact
   labels = jnp.array([[-100, -100, 3, 1], [-100, -100, 3, 1]])  # the answer: 3, then 1 (EOS)
   logits = jax.nn.one_hot(jnp.array([[0, 3, 1, 0], [0, 3, 2, 0]]), 5)  # row 1: 2 after 3
   np.testing.assert_array_equal(greedy_exact(logits, labels), [True, False])

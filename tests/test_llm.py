@@ -10,7 +10,7 @@ import pytest
 
 from mmjax.eval import generate as generate_lib
 from mmjax.models import layers, llm as llm_lib
-from mmjax.train import llava_tasks
+from mmjax.data import packing
 
 from conftest import init_params
 
@@ -111,7 +111,7 @@ def test_sampling_greedy_and_top_p():
 
 def test_packed_text_segments_labels_positions_and_resume():
   docs = [np.array([1] + [10 + i] * n, np.int32) for i, n in enumerate([3, 5, 2, 6, 4, 1])]
-  it = llava_tasks.PackedText(docs, batch_size=2, seq_len=8, seed=0)
+  it = packing.PackedText(docs, batch_size=2, seq_len=8, seed=0)
   batch = next(it)
   row = 0
   seg = batch["segments"][row]
@@ -125,7 +125,7 @@ def test_packed_text_segments_labels_positions_and_resume():
   assert (batch["labels"][batch["segments"] == 0] == -100).all()
   state = it.get_state()
   after = next(it)
-  it2 = llava_tasks.PackedText(docs, batch_size=2, seq_len=8, seed=0)
+  it2 = packing.PackedText(docs, batch_size=2, seq_len=8, seed=0)
   it2.set_state(state)
   chex.assert_trees_all_equal(next(it2), after)
   # Segments keep attention inside a document.

@@ -4,11 +4,13 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import init_params, tiny_clip_config
+from conftest import tiny_clip_config
 from mmjax import parallel
+from mmjax.train import step as step_lib
 from mmjax.models import layers
 from mmjax.models.clip import CLIP
 
@@ -66,9 +68,23 @@ EXPECTED = {
 }
 
 
+class _ModelTask:
+  """The part of the Task protocol that initialising a state reads."""
+
+  def __init__(self, model):
+    self.model = model
+
+  def init(self, rng):
+    return self.model.init(rng, *_batch())["params"]
+
+
 def _sharded_init(mesh, rules=parallel.DEFAULT_RULES):
-  model = CLIP(tiny_clip_config())
-  return model, parallel.sharded_init(model.init, mesh, rules, jax.random.key(0), *_batch())
+  """The model's params as a run creates them: step.create_state over the mesh."""
+  model, tx = CLIP(tiny_clip_config()), optax.sgd(0.1)
+  task = _ModelTask(model)
+  _, shardings = step_lib.state_shardings(task, tx, 0, mesh, rules)
+  state = step_lib.create_state(task, tx, 0, mesh, rules, shardings)
+  return model, {"params": state.params}
 
 
 
@@ -110,12 +126,11 @@ def test_indivisible_dims_are_replicated_not_fatal():
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_forward_equals_single_device(shape):
   images, ids = _batch()
-  model = CLIP(tiny_clip_config())
-  params = init_params(model, images, ids)
+  mesh = _mesh(shape)
+  model, variables = _sharded_init(mesh)
+  params = jax.device_get(variables["params"])  # the same params, on one device
   single = jax.jit(model.apply)({"params": params}, images, ids)
 
-  mesh = _mesh(shape)
-  _, variables = _sharded_init(mesh)
   global_batch = parallel.host_to_global({"images": images, "ids": ids}, mesh)
   assert global_batch["images"].sharding.spec[0] == ("data", "fsdp")
   with parallel.activate(mesh):

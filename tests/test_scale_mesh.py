@@ -116,7 +116,7 @@ def test_a_state_with_frozen_params_saves_and_restores(tmp_path):
                                        b2=0.99, eps=1e-8, clip_norm=1.0))
   tx, _ = optim.make_optimizer(cfg, 10, mask)
   abstract, shardings = step_lib.state_shardings(task, tx, 0, mesh, parallel.DEFAULT_RULES)
-  state = jax.jit(lambda: step_lib.init_state(task, tx, 0), out_shardings=shardings)()
+  state = step_lib.create_state(task, tx, 0, mesh, parallel.DEFAULT_RULES, shardings)
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, state)
   restored, _ = ckpt.restore(loop.restore_target(abstract, shardings), 1)

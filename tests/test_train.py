@@ -126,7 +126,7 @@ def test_step_compiles_once(data_dir):
   raw = step_lib.make_train_step(task, s["tx"], s["mask"], s["schedule"])
   traced = chex.assert_max_traces(raw, n=1)
   with parallel.activate(s["mesh"], s["rules"]):
-    state = jax.jit(lambda: step_lib.init_state(task, s["tx"], 0), out_shardings=s["shardings"])()
+    state = step_lib.create_state(task, s["tx"], 0, s["mesh"], s["rules"], s["shardings"])
     fn = step_lib.jit_train_step(traced, s["shardings"], s["mesh"], task.batch_spec(16))
     it = task.train_batches(16, seed=0)
     for _ in range(3):
@@ -288,9 +288,7 @@ def test_checkpoint_restores_on_other_meshes(data_dir, tmp_path):
   workdir = str(tmp_path / "mesh")
   config = tiny_config(data_dir, **{"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1})
   s = loop.setup(config, workdir)
-  with parallel.activate(s["mesh"], s["rules"]):
-    state = jax.jit(lambda: step_lib.init_state(s["task"], s["tx"], 0),
-                    out_shardings=s["shardings"])()
+  state = step_lib.create_state(s["task"], s["tx"], 0, s["mesh"], s["rules"], s["shardings"])
   s["ckpt"].save(1, state, None, force=True)
   s["ckpt"].close()
   saved = jax.device_get(state.params)

@@ -118,9 +118,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       data.set_state(_local_data_state(data_state))
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   else:
-    with parallel.activate(mesh, rules):
-      state = jax.jit(lambda: step_lib.init_state(task, s["tx"], config.seed),
-                      out_shardings=s["shardings"])()
+    state = step_lib.create_state(task, s["tx"], config.seed, mesh, rules, s["shardings"])
     if hasattr(task, "initial_params"):  # a later stage starts from earlier runs
       state = state.replace(params=task.initial_params(state.params, s["shardings"].params))
     start = 0

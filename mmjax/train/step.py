@@ -36,6 +36,15 @@ def init_state(task, tx: optax.GradientTransformation, seed: int) -> TrainState:
                     rng=state_rng)
 
 
+def create_state(task, tx: optax.GradientTransformation, seed: int, mesh: Mesh, rules,
+                 shardings: TrainState) -> TrainState:
+  """The initial state of `seed`, created already placed by `shardings` (from
+  `state_shardings`): no host ever holds the params whole. The one path by which
+  runs, benchmarks and tests initialise a sharded state."""
+  with parallel.activate(mesh, rules):
+    return jax.jit(lambda: init_state(task, tx, seed), out_shardings=shardings)()
+
+
 def state_shardings(task, tx, seed: int, mesh: Mesh, rules) -> tuple[Any, TrainState]:
   """(abstract state, shardings): params by the logical rules, optimizer state
   mirroring its params, counters and RNG replicated."""

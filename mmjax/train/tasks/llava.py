@@ -1,7 +1,7 @@
 """The LLaVA family's Tasks: "lm" (decoder LM pretraining on text) and "llava"
 (stage 1: align the projector; stage 2: instruction tuning). Both run on the
 shared step and loop; they differ in their loss, their frozen params and their
-data (see `mmjax.train.tasks` for the protocol).
+data (the protocol: `mmjax.train.tasks.base.Task`).
 
 Later stages start from earlier runs through `initial_params`: `init.clip_workdir`
 (the vision tower: a CLIP run's params/vision), `init.lm_workdir` (the LLM: an
@@ -12,84 +12,32 @@ stage-1 run), each the latest checkpoint of that workdir.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mmjax import checkpoint, losses, parallel
-from mmjax.data import instruct, pipeline, transforms
-from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.data import instruct, packing, pipeline, transforms
+from mmjax.data import llava as llava_data
 from mmjax.eval import generate as generate_lib
 from mmjax.eval import sharded, vqa
 from mmjax.models import attention
 from mmjax.models import llava as llava_lib
 from mmjax.models import llm as llm_lib
 from mmjax.models.vit import ViTConfig
-from mmjax.train import tasks
-
-
-# ---------------------------------------------------------------------------
-# Data resolution shared by both tasks
-
-
-def resolve_data(data_cfg) -> ml_collections.ConfigDict:
-  """An unlocked copy of `data` with the instruction files filled in.
-
-  With `data.instruct` settings (the shapes scenes), the dataset is written
-  once into `data.instruct_dir` (default: a cache folder named by the
-  settings) and json_path / eval_json_path / image_folder / tokenizer point
-  into it; explicit values win.
-  """
-  cfg = ml_collections.ConfigDict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict")
-                                  else dict(data_cfg))
-  settings = cfg.get("instruct")
-  if settings:
-    folder = instruct.prepare(cfg.get("instruct_dir"), **settings.to_dict())
-    cfg.instruct_dir = folder
-    cfg.image_folder = cfg.get("image_folder") or folder
-    cfg.tokenizer = cfg.get("tokenizer") or os.path.join(folder, "tokenizer.model")
-  return cfg
-
-
-def _path(cfg, key: str, default_name: str) -> str:
-  value = cfg.get(key)
-  if value:
-    return value
-  if cfg.get("instruct_dir"):
-    return os.path.join(cfg.instruct_dir, default_name)
-  raise ValueError(f"set data.{key} (a LLaVA JSON file) or data.instruct (the shapes settings)")
-
-
-def _optional_path(cfg, key: str, default_name: str) -> str | None:
-  """`_path` for a file the data may lack (older data folders): None if absent."""
-  path = cfg.get(key) or (cfg.get("instruct_dir") and os.path.join(cfg.instruct_dir,
-                                                                    default_name))
-  return path if path and os.path.exists(path) else None
-
-
-def _tokenizer(cfg):
-  if not cfg.get("tokenizer"):
-    raise ValueError("set data.tokenizer (a sentencepiece .model or tokenizer.json)")
-  return tokenizer_lib.load_tokenizer(cfg.tokenizer)
-
-
-def _template(cfg) -> instruct.Template:
-  return instruct.get_template(cfg.template, cfg.get("system_prompt"))
+from mmjax.train.tasks.base import dataclass_from, register, with_shardings
 
 
 # ---------------------------------------------------------------------------
 # "lm": decoder LM pretraining on packed text
 
 
-@tasks.register("lm")
+@register("lm")
 class LMTask:
   """Next-token prediction on the text of the instruction data (captions,
   questions and answers, without images), documents packed into rows."""
@@ -128,17 +76,18 @@ class LMTask:
     """Tokenised documents; for training, each file's records weighted by
     `data.lm_weights` (w: every record int(w) times, then the first frac(w) of
     them once more)."""
-    cfg = self.data_cfg
+    cfg, json_path = self.data_cfg, llava_data.json_path
     if split == "train":
-      files = [("captions", _path(cfg, "caption_json_path", "captions.json"), "plain"),
-               ("instruct", _path(cfg, "json_path", "instruct.json"), cfg.template)]
+      files = [("captions", json_path(cfg, "caption_json_path", "captions.json"), "plain"),
+               ("instruct", json_path(cfg, "json_path", "instruct.json"), cfg.template)]
       # The scenes described in words (mmjax.data.instruct's grounded.json).
-      grounded = _optional_path(cfg, "grounded_json_path", "grounded.json")
+      grounded = llava_data.optional_path(cfg, "grounded_json_path", "grounded.json")
       if grounded:
         files.append(("grounded", grounded, cfg.template))
     else:
-      files = [("captions", _path(cfg, "caption_eval_json_path", "captions_eval.json"), "plain"),
-               ("instruct", _path(cfg, "eval_json_path", "vqa_eval.json"), cfg.template)]
+      files = [("captions", json_path(cfg, "caption_eval_json_path", "captions_eval.json"),
+                "plain"),
+               ("instruct", json_path(cfg, "eval_json_path", "vqa_eval.json"), cfg.template)]
     weights = dict(cfg.get("lm_weights") or {}) if split == "train" else {}
     if set(weights) - {name for name, _, _ in files}:
       raise ValueError(f"data.lm_weights names {sorted(weights)}; the LM's files are "
@@ -159,7 +108,7 @@ class LMTask:
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
     docs = self._documents("train")[shard_index::shard_count]
-    return PackedText(docs, batch_size, self.seq_len, seed=seed + 1000 * shard_index,
+    return packing.PackedText(docs, batch_size, self.seq_len, seed=seed + 1000 * shard_index,
                       pad_id=self.tokenizer.pad_id)
 
   # -- evaluation -------------------------------------------------------------
@@ -181,13 +130,13 @@ class LMTask:
   @functools.cached_property
   def eval_documents(self) -> dict[str, np.ndarray]:
     """Every eval document once, packed into rows."""
-    return pack_all(self._documents("eval"), self.seq_len, self.tokenizer.pad_id)
+    return packing.pack_all(self._documents("eval"), self.seq_len, self.tokenizer.pad_id)
 
   @functools.cached_property
   def grounded_eval(self) -> tuple[list[dict], dict[str, np.ndarray]] | None:
     """(records, {tokens, labels}) of grounded_eval.json; None without the file."""
     cfg = self.data_cfg
-    path = _optional_path(cfg, "grounded_eval_json_path", "grounded_eval.json")
+    path = llava_data.optional_path(cfg, "grounded_eval_json_path", "grounded_eval.json")
     if not path:
       return None
     records = instruct.load_json(path)
@@ -234,8 +183,8 @@ def _read_data(task, config, with_data: bool) -> int:
   """Sets task.config, .data_cfg and .tokenizer (None without data); returns the
   LLM's vocabulary size (the config's, else the tokenizer's)."""
   task.config = config
-  task.data_cfg = resolve_data(config.data) if with_data else config.data
-  task.tokenizer = _tokenizer(task.data_cfg) if with_data else None
+  task.data_cfg = llava_data.resolve_data(config.data) if with_data else config.data
+  task.tokenizer = llava_data.load_tokenizer(task.data_cfg) if with_data else None
   vocab = config.model.llm.get("vocab_size") or (
       task.tokenizer.vocab_size if task.tokenizer else 0)
   if not vocab:
@@ -249,119 +198,11 @@ def _llm_config(m, vocab: int) -> llm_lib.LLMConfig:
                             remat=m.remat, **overrides)
 
 
-class PackedText:
-  """Documents (token arrays starting with BOS) packed greedily into rows of
-  `seq_len`, reshuffled every epoch. Batches: tokens, labels (-100 at each
-  document's first token and at padding), segments (1, 2, ... per document in
-  a row, 0 = padding) and positions (restarting at 0 per document).
-  Checkpointable: the state is (epoch, next document)."""
-
-  def __init__(self, docs: list[np.ndarray], batch_size: int, seq_len: int, *, seed: int,
-               pad_id: int = 0):
-    if not docs:
-      raise ValueError("no documents to pack")
-    self.docs = [d[:seq_len] for d in docs]
-    self.batch_size, self.seq_len, self.seed, self.pad_id = batch_size, seq_len, seed, pad_id
-    self.epoch, self.cursor = 0, 0
-    self._order = self._permutation(0)
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.docs))
-
-  def __iter__(self):
-    return self
-
-  def _peek(self) -> np.ndarray:
-    if self.cursor >= len(self._order):
-      self.epoch, self.cursor = self.epoch + 1, 0
-      self._order = self._permutation(self.epoch)
-    return self.docs[int(self._order[self.cursor])]
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    rows = []
-    for _ in range(self.batch_size):
-      row = []
-      while sum(map(len, row)) + len(self._peek()) <= self.seq_len or not row:
-        row.append(self._peek())
-        self.cursor += 1
-      rows.append(row)
-    return pack_rows(rows, self.seq_len, self.pad_id)
-
-  def get_state(self) -> dict[str, Any]:
-    return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
-            "batch_size": self.batch_size}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    for key in ("seed", "batch_size"):
-      if state[key] != getattr(self, key):
-        raise ValueError(f"data state saved with {key}={state[key]}, this run has "
-                         f"{getattr(self, key)}: it would not resume to the same batches")
-    self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-    self._order = self._permutation(self.epoch)
-
-
-def pack_rows(rows: list[list[np.ndarray]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Rows of documents -> {tokens, labels, segments, positions} [len(rows), seq_len]."""
-  n = len(rows)
-  out = {"tokens": np.full((n, seq_len), pad_id, np.int32),
-         "labels": np.full((n, seq_len), losses.IGNORE_INDEX, np.int32),
-         "segments": np.zeros((n, seq_len), np.int32),
-         "positions": np.zeros((n, seq_len), np.int32)}
-  for i, row in enumerate(rows):
-    used = 0
-    for seg, doc in enumerate(row, start=1):
-      doc = doc[:seq_len - used]
-      k = len(doc)
-      out["tokens"][i, used:used + k] = doc
-      out["labels"][i, used + 1:used + k] = doc[1:]  # never predict across documents
-      out["segments"][i, used:used + k] = seg
-      out["positions"][i, used:used + k] = np.arange(k)
-      used += k
-  return out
-
-
-def pack_all(docs: list[np.ndarray], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Every document once, in order, packed greedily into rows (see pack_rows)."""
-  rows, row = [], []
-  for doc in docs:
-    doc = doc[:seq_len]
-    if row and sum(map(len, row)) + len(doc) > seq_len:
-      rows.append(row)
-      row = []
-    row.append(doc)
-  rows.append(row)
-  return pack_rows(rows, seq_len, pad_id)
-
-
 # ---------------------------------------------------------------------------
 # "llava": stage 1 (align) and stage 2 (instruction tuning)
 
 
-class LlavaExample(grain.transforms.RandomMap):
-  """A LLaVA record -> {image, tokens, labels}; None (skipped) without an image."""
-
-  def __init__(self, tokenizer, template: instruct.Template, max_len: int, image_size: int,
-               normalize: str = "clip", pad_square: bool = False):
-    self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
-    self.image_size, self.normalize, self.pad_square = image_size, normalize, pad_square
-
-  def random_map(self, item, rng):
-    del rng
-    _, example = item
-    if example["bad"] or example["image"] is None:
-      return None
-    return self.make(example["image"], json.loads(example["conversations"]), example["id"])
-
-  def make(self, image, conversations, sample_id="?") -> dict[str, np.ndarray]:
-    tokens, labels = instruct.tokenize(conversations, self.tokenizer, self.template,
-                                       max_len=self.max_len, sample_id=sample_id)
-    return {"image": transforms.preprocess_image(image, self.image_size, self.normalize,
-                                                 pad_square=self.pad_square),
-            "tokens": instruct.pad_to(tokens, self.max_len, self.tokenizer.pad_id),
-            "labels": instruct.pad_to(labels, self.max_len, losses.IGNORE_INDEX)}
-
-
-@tasks.register("llava")
+@register("llava")
 class LLaVATask:
   """Stage 1 (`stage=1`, template "plain", captions): only the projector trains.
   Stage 2 (`stage=2`, template vicuna_v1, instructions): projector and LLM train.
@@ -373,7 +214,7 @@ class LLaVATask:
     self.stage = int(config.stage)
     vocab = _read_data(self, config, with_data)
     m = config.model
-    vision = tasks._dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
+    vision = dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
                                    dtype=m.dtype, scan=m.scan, remat=m.remat)
     self.model_config = llava_lib.LLaVAConfig(
         vision=vision, llm=_llm_config(m, vocab), projector=m.projector,
@@ -383,7 +224,7 @@ class LLaVATask:
     self.model = llava_lib.LLaVA(self.model_config)
     self.max_len = int(config.data.max_len)
     self.frozen = tuple(config.optim.get("frozen", ()) or ())
-    self.template = _template(self.data_cfg)
+    self.template = llava_data.template(self.data_cfg)
     model = self.model
     self._caption_fn = jax.jit(self.caption_sums)
     self._embed = jax.jit(lambda p, img, ids: model.apply(
@@ -424,15 +265,15 @@ class LLaVATask:
 
   # -- data -----------------------------------------------------------------
 
-  def _example_fn(self) -> LlavaExample:
+  def _example_fn(self) -> llava_data.LlavaExample:
     t = self.data_cfg.transforms
-    return LlavaExample(self.tokenizer, self.template, self.max_len, self.data_cfg.image_size,
-                        t.normalize, bool(t.pad_to_square))
+    return llava_data.LlavaExample(self.tokenizer, self.template, self.max_len,
+                                   self.data_cfg.image_size, t.normalize, bool(t.pad_to_square))
 
   def train_batches(self, batch_size: int, seed: int, **shard):
     cfg = ml_collections.ConfigDict(self.data_cfg.to_dict())
     default = "captions.json" if self.stage == 1 else "instruct.json"
-    cfg.json_path = _path(self.data_cfg, "json_path", default)
+    cfg.json_path = llava_data.json_path(self.data_cfg, "json_path", default)
     cfg.name = "llava"
     return pipeline.train_iterator(cfg, tokenizer=self.tokenizer, batch_size=batch_size,
                                    seed=seed, example_fn=self._example_fn(), **shard)
@@ -452,7 +293,7 @@ class LLaVATask:
       sources.append((init.lm_workdir, None, "llm", False))
     for workdir, src, dst, ignore_extra in sources:
       path = ("params",) + ((src,) if src else ())
-      target = _with_shardings(params[dst], shardings[dst])
+      target = with_shardings(params[dst], shardings[dst])
       params[dst] = checkpoint.restore_subtree(workdir, path, target, ignore_extra=ignore_extra)
       logging.info("loaded params/%s from %s (%s)", dst, workdir, "/".join(path))
     if not sources:
@@ -489,11 +330,13 @@ class LLaVATask:
   def caption_eval(self) -> dict[str, np.ndarray]:
     """The held-out captions in stage 1's format: {image, tokens, labels} rows."""
     cfg = self.data_cfg
-    path = _path(cfg, "caption_eval_json_path", "captions_eval.json")
+    path = llava_data.json_path(cfg, "caption_eval_json_path", "captions_eval.json")
     records = instruct.load_json(path)[:int(self.config.eval.get("num_captions", 256))]
-    fn = LlavaExample(self.tokenizer, instruct.get_template("plain"), self.max_len,
-                      cfg.image_size, cfg.transforms.normalize, bool(cfg.transforms.pad_to_square))
-    rows = [fn.make(_read_image(cfg, r["image"]), r["conversations"], r["id"]) for r in records]
+    fn = llava_data.LlavaExample(self.tokenizer, instruct.get_template("plain"), self.max_len,
+                                 cfg.image_size, cfg.transforms.normalize,
+                                 bool(cfg.transforms.pad_to_square))
+    rows = [fn.make(llava_data.read_image(cfg, r["image"]), r["conversations"], r["id"])
+            for r in records]
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
   def caption_loss(self, params, mesh) -> dict[str, float]:
@@ -541,10 +384,10 @@ class LLaVATask:
   def vqa_eval(self) -> tuple[list[dict], np.ndarray]:
     """(records, preprocessed images) of the held-out questions."""
     cfg = self.data_cfg
-    path = _path(cfg, "eval_json_path", "vqa_eval.json")
+    path = llava_data.json_path(cfg, "eval_json_path", "vqa_eval.json")
     records = instruct.load_json(path)[:int(self.config.eval.get("num_questions", 100000))]
     images = np.stack([
-        transforms.preprocess_image(_read_image(cfg, r["image"]), cfg.image_size,
+        transforms.preprocess_image(llava_data.read_image(cfg, r["image"]), cfg.image_size,
                                     cfg.transforms.normalize,
                                     pad_square=bool(cfg.transforms.pad_to_square))
         for r in records])
@@ -559,13 +402,3 @@ class LLaVATask:
         max_new_tokens=int(self.config.eval.get("max_new_tokens", 8)))
     return vqa.accuracy(predictions, [r["answer"] for r in records],
                         [r.get("question_type", "all") for r in records])
-
-
-def _with_shardings(params, shardings):
-  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                      params, shardings)
-
-
-def _read_image(cfg, relpath: str) -> np.ndarray:
-  with open(os.path.join(cfg.image_folder or "", relpath), "rb") as f:
-    return transforms.decode(f.read())

@@ -1,27 +1,9 @@
-"""One Task per model family: the model, its init, its loss, its evaluation.
-
-The step and the loop are shared; a Task says only what differs. A Task has:
-  __init__(config)                    built from the whole experiment config
-                                      (with_data=False: no tokenizer or data, for mmjax.plan)
-  init(rng) -> params                 boxed (logical names) params of the model
-  batch_keys                          the batch entries the step reads
-  batch_spec(global_batch) -> dict    ShapeDtypeStructs of those entries
-  loss(params, batch, rng) -> (loss, aux dict of scalars)   traced inside jit
-  frozen                              regexes ('vision/.*') of params that do not train
-  train_batches(per_process_batch, seed) -> iterator with get_state / set_state
-                                      (and shard_index=, shard_count= for data_shards)
-  evaluate(params, mesh, rules) -> dict of floats   (logged as eval/<key>): each
-                                      process evaluates its share of the split
-                                      through mmjax.eval.sharded, with jitted
-                                      functions built in __init__
-  flops_per_example() -> float        training FLOPs, for MFU
-  initial_params(params, shardings) -> params       optional: start from other runs
+"""The CLIP family's Task: contrastive image-text pretraining with CLIP's
+softmax InfoNCE or SigLIP's sigmoid loss (`model.loss`), plain or chunked over
+the devices (`model.chunked_loss`); zero-shot and retrieval evaluation.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,45 +15,7 @@ from mmjax.eval import sharded
 from mmjax.models import clip as clip_lib
 from mmjax.models.text import TextConfig
 from mmjax.models.vit import ViTConfig
-
-TASKS: dict[str, Callable[..., Any]] = {}
-
-
-def register(name: str):
-  def wrap(cls):
-    TASKS[name] = cls
-    return cls
-  return wrap
-
-
-# Task families that live in their own modules register themselves on import.
-FAMILY_MODULES = ("mmjax.train.llava_tasks", "mmjax.train.vit_tasks")
-
-
-def build_task(config, **kwargs):
-  """The config's Task; kwargs go to its constructor (with_data=False: see CLIPTask)."""
-  if config.task not in TASKS:
-    import importlib
-    for module in FAMILY_MODULES:
-      try:
-        importlib.import_module(module)
-      except ModuleNotFoundError as e:
-        if e.name != module:
-          raise
-  if config.task not in TASKS:
-    raise ValueError(f"unknown task {config.task!r} in config; known: {sorted(TASKS)}")
-  return TASKS[config.task](config, **kwargs)
-
-
-def _dataclass_from(cls, cfg, **overrides):
-  """A frozen config dataclass from a ConfigDict, naming unknown keys."""
-  values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  values.update(overrides)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
-  return cls(**values)
+from mmjax.train.tasks.base import dataclass_from, register, with_shardings
 
 
 def token_ids(text_cfg, tokenizer) -> dict[str, int]:
@@ -103,10 +47,10 @@ class CLIPTask:
     else:
       raise ValueError("CLIPTask without data needs --config.model.text.vocab_size "
                        "(49408 for OpenAI's BPE)")
-    text_cfg = _dataclass_from(
+    text_cfg = dataclass_from(
         TextConfig, m.text, **ids, context_length=config.data.context_length,
         dtype=m.dtype, scan=m.scan, remat=m.remat)
-    vision_cfg = _dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
+    vision_cfg = dataclass_from(ViTConfig, m.vision, image_size=config.data.image_size,
                                  dtype=m.dtype, scan=m.scan, remat=m.remat)
     self.model_config = clip_lib.CLIPConfig(vision=vision_cfg, text=text_cfg,
                                             embed_dim=m.embed_dim, loss=m.loss)
@@ -125,9 +69,7 @@ class CLIPTask:
     if not source:
       return params
     from mmjax import checkpoint
-    target = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                          params, shardings)
-    return checkpoint.restore_subtree(source, ("params",), target)
+    return checkpoint.restore_subtree(source, ("params",), with_shardings(params, shardings))
 
   def batch_spec(self, batch_size: int) -> dict:
     s, t = self.data_cfg.image_size, self.data_cfg.context_length

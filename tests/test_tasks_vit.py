@@ -15,11 +15,12 @@ import pytest
 
 from conftest import init_params
 from experiments import convnet_digits, mae_digits, vit_digits
-from mmjax.data import pipeline
+from mmjax.data import classification, pipeline
 from mmjax.models import mae as mae_lib
 from mmjax.models import vit as vit_lib
 from mmjax.models import vit_heads
-from mmjax.train import loop, tasks, vit_tasks
+from mmjax.train import loop, tasks
+from mmjax.train.tasks import vit as vit_tasks
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_transpose_augmentation_swaps_half_the_images():
   cfg.image_size = 8
   image = np.zeros((8, 8, 3), np.uint8)
   image[0] = 255  # the top row white
-  example = vit_tasks.ImageLabelExample(cfg)
+  example = classification.ImageLabelExample(cfg)
   rng = np.random.default_rng(0)
   outs = [example.random_map((0, {"bad": False, "image": image, "label": 3}), rng)["image"]
           for _ in range(64)]

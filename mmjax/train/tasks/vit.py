@@ -1,5 +1,5 @@
 """The ViT family's Tasks: supervised classification and the remedies for a ViT's
-data hunger (see `mmjax.train.tasks` for the protocol).
+data hunger (the protocol: `mmjax.train.tasks.base.Task`).
 
   "vit"      a ViT classifier (class token, gap or map pooling; linear or conv
              stem); label smoothing, mixup and cutmix; DeiT hard-label
@@ -14,91 +14,22 @@ All three read {image, label} batches from the shared pipeline and report
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mmjax import checkpoint, parallel
-from mmjax.data import pipeline, transforms
+from mmjax.data import classification, pipeline
 from mmjax.eval import sharded
 from mmjax.models import convnet as convnet_lib
 from mmjax.models import mae as mae_lib
 from mmjax.models import vit as vit_lib
 from mmjax.models import vit_heads
-from mmjax.train import tasks
-
-
-# ---------------------------------------------------------------------------
-# Data: {image, label} examples
-
-
-class ImageLabelExample(grain.transforms.RandomMap):
-  """Train example -> {image, label} (with the config's random crop, flip and
-  transpose); None (skipped) for an unreadable image."""
-
-  def __init__(self, data_cfg):
-    t = data_cfg.transforms
-    self.size, self.mode = int(data_cfg.image_size), t.normalize
-    self.crop, self.crop_scale = bool(t.random_resized_crop), tuple(t.crop_scale)
-    self.flip, self.pad_square = bool(t.hflip), bool(t.pad_to_square)
-    self.transpose = bool(t.get("transpose", False))
-
-  def random_map(self, item, rng: np.random.Generator):
-    _, example = item
-    if example["bad"] or example["image"] is None:
-      return None
-    image = transforms.train_image(example["image"], self.size, rng, mode=self.mode,
-                                   random_crop=self.crop, crop_scale=self.crop_scale,
-                                   flip=self.flip and rng.random() < 0.5,
-                                   pad_square=self.pad_square,
-                                   transpose=self.transpose and rng.random() < 0.5)
-    return {"image": image, "label": np.int32(example["label"])}
-
-
-class PartlyLabelledExample(ImageLabelExample):
-  """Every train image, its label only where the record is in `labelled_ids`:
-  {image, label (-1 where unlabelled), labelled (1.0 / 0.0)}."""
-
-  def __init__(self, data_cfg, labelled_ids: np.ndarray):
-    super().__init__(data_cfg)
-    self.labelled_ids = frozenset(int(i) for i in labelled_ids)
-
-  def random_map(self, item, rng: np.random.Generator):
-    out = super().random_map(item, rng)
-    if out is None:
-      return None
-    labelled = item[0] in self.labelled_ids
-    out["label"] = out["label"] if labelled else np.int32(-1)
-    out["labelled"] = np.float32(labelled)
-    return out
-
-
-class ImageLabelEvalExample(grain.transforms.Map):
-  """Eval example -> {image, label, mask, index (the record's)}; `blank()` pads
-  (mask False, index -1)."""
-
-  def __init__(self, data_cfg):
-    self.size, self.mode = int(data_cfg.image_size), data_cfg.transforms.normalize
-    self.pad_square = bool(data_cfg.transforms.pad_to_square)
-
-  def map(self, item):
-    index, example = item
-    if example["bad"] or example["image"] is None:
-      return self.blank()
-    return {"image": transforms.preprocess_image(example["image"], self.size, self.mode,
-                                                 pad_square=self.pad_square),
-            "label": np.int32(example["label"]), "mask": np.bool_(True),
-            "index": np.int32(index)}
-
-  def blank(self) -> dict[str, np.ndarray]:
-    return {"image": np.zeros((self.size, self.size, 3), np.float32), "label": np.int32(-1),
-            "mask": np.bool_(False), "index": np.int32(-1)}
+from mmjax.train.tasks.base import (build_task, dataclass_from, load_run_config, register,
+                                     with_shardings)
 
 
 # ---------------------------------------------------------------------------
@@ -239,13 +170,14 @@ class ClassifierTask:
   # -- data and evaluation ----------------------------------------------------
 
   def train_batches(self, batch_size: int, seed: int, **shard):
-    return pipeline.train_iterator(self.data_cfg, batch_size=batch_size, seed=seed,
-                                   example_fn=ImageLabelExample(self.data_cfg), **shard)
+    return pipeline.train_iterator(
+        self.data_cfg, batch_size=batch_size, seed=seed,
+        example_fn=classification.ImageLabelExample(self.data_cfg), **shard)
 
   def eval_batches(self, batch_size: int):
     return pipeline.eval_iterator(self.data_cfg, split=self.data_cfg.eval_split,
                                   batch_size=batch_size,
-                                  example_fn=ImageLabelEvalExample(self.data_cfg))
+                                  example_fn=classification.ImageLabelEvalExample(self.data_cfg))
 
   def eval_rows(self, params, batch) -> dict[str, jax.Array]:
     """Per row: whether each head's prediction is right, and the prediction's
@@ -272,39 +204,18 @@ class ClassifierTask:
     return out
 
 
-def _dataclass(cls, cfg, **overrides):
-  values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  return tasks._dataclass_from(cls, values, **overrides)
-
-
 def _vit_config(config, **overrides) -> vit_lib.ViTConfig:
   m = config.model
-  return _dataclass(vit_lib.ViTConfig, m.vision, image_size=int(config.data.image_size),
+  return dataclass_from(vit_lib.ViTConfig, m.vision, image_size=int(config.data.image_size),
                     dtype=m.get("dtype", "float32"), scan=m.get("scan", True),
                     remat=m.get("remat", "none"), **overrides)
-
-
-def _with_shardings(params, shardings):
-  return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                      params, shardings)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json that `mmjax.train` wrote into another run's workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir "
-                            f"(train that run first)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 # ---------------------------------------------------------------------------
 # "convnet"
 
 
-@tasks.register("convnet")
+@register("convnet")
 class ConvNetTask(ClassifierTask):
   """A small ConvNet classifier (the distillation teacher). model: channels,
   convs_per_stage, groups, num_classes, dtype."""
@@ -312,7 +223,7 @@ class ConvNetTask(ClassifierTask):
   def __init__(self, config, with_data: bool = True):
     super().__init__(config, with_data)
     m = config.model
-    self.model_config = _dataclass(
+    self.model_config = dataclass_from(
         convnet_lib.ConvNetConfig, {k: v for k, v in m.to_dict().items() if k != "num_classes"},
         num_classes=self.num_classes, image_size=int(config.data.image_size))
     self.model = convnet_lib.ConvNet(self.model_config)
@@ -325,7 +236,7 @@ class ConvNetTask(ClassifierTask):
 # "vit"
 
 
-@tasks.register("vit")
+@register("vit")
 class ViTTask(ClassifierTask):
   """A ViT classifier. model.vision: the ViTConfig keys (variant, pool, stem, ...).
 
@@ -388,8 +299,9 @@ class ViTTask(ClassifierTask):
     n = len(pipeline.make_source(every, every.train_split))
     labelled = pipeline.subset_indices(n, float(self.data_cfg.label_fraction),
                                        int(self.data_cfg.get("label_fraction_seed", 0) or 0))
-    return pipeline.train_iterator(every, batch_size=batch_size, seed=seed,
-                                   example_fn=PartlyLabelledExample(every, labelled), **shard)
+    return pipeline.train_iterator(
+        every, batch_size=batch_size, seed=seed,
+        example_fn=classification.PartlyLabelledExample(every, labelled), **shard)
 
   def apply(self, params, images, train: bool = False):
     student = {k: v for k, v in params.items() if k != "teacher"}
@@ -441,7 +353,7 @@ class ViTTask(ClassifierTask):
     params = dict(params)
     if self.teacher is not None:
       params["teacher"] = checkpoint.restore_subtree(
-          self.teacher_workdir, ("params",), _with_shardings(params["teacher"],
+          self.teacher_workdir, ("params",), with_shardings(params["teacher"],
                                                             shardings["teacher"]))
       logging.info("loaded the teacher from %s", self.teacher_workdir)
     mae_workdir = (self.config.get("init") or {}).get("mae_workdir")
@@ -449,7 +361,7 @@ class ViTTask(ClassifierTask):
       vit = dict(params["vit"])
       # Everything the MAE encoder has: not the head, nor a MAP pooling head.
       keys = [k for k in vit if k not in ("head", "map_head")]
-      target = _with_shardings({k: vit[k] for k in keys},
+      target = with_shardings({k: vit[k] for k in keys},
                                {k: shardings["vit"][k] for k in keys})
       vit.update(checkpoint.restore_subtree(mae_workdir, ("params", "encoder"), target))
       params["vit"] = vit
@@ -461,7 +373,7 @@ def _teacher_task(workdir: str, config, num_classes_: int) -> ClassifierTask:
   """The classifier task of a teacher run, built from its config.json, checked
   against the student's data (the teacher sees the student's images)."""
   teacher_cfg = load_run_config(workdir)
-  task = tasks.build_task(teacher_cfg, with_data=False)
+  task = build_task(teacher_cfg, with_data=False)
   if not isinstance(task, ClassifierTask):
     raise ValueError(f"distill.teacher_workdir {workdir} is a {teacher_cfg.task!r} run, not an "
                      f"image classifier ('convnet' or 'vit')")
@@ -482,7 +394,7 @@ def _teacher_task(workdir: str, config, num_classes_: int) -> ClassifierTask:
 # "mae"
 
 
-@tasks.register("mae")
+@register("mae")
 class MAETask:
   """Masked-autoencoder pretraining. model.vision: the encoder (stem 'linear');
   model.mae: mask_ratio, decoder_width, decoder_depth, decoder_heads,
@@ -496,7 +408,7 @@ class MAETask:
     self.config = config
     self.data_cfg = config.data
     encoder = _vit_config(config, pool="none", num_classes=0)
-    self.model_config = _dataclass(mae_lib.MAEConfig, config.model.mae, encoder=encoder)
+    self.model_config = dataclass_from(mae_lib.MAEConfig, config.model.mae, encoder=encoder)
     self.model = mae_lib.MAE(self.model_config)
     self.frozen = tuple((config.get("optim") or {}).get("frozen", ()) or ())
     self._eval_fn = jax.jit(self.eval_sums)
@@ -526,8 +438,9 @@ class MAETask:
     return 3 * mae_lib.forward_flops(self.model_config)
 
   def train_batches(self, batch_size: int, seed: int, **shard):
-    return pipeline.train_iterator(self.data_cfg, batch_size=batch_size, seed=seed,
-                                   example_fn=ImageLabelExample(self.data_cfg), **shard)
+    return pipeline.train_iterator(
+        self.data_cfg, batch_size=batch_size, seed=seed,
+        example_fn=classification.ImageLabelExample(self.data_cfg), **shard)
 
   def eval_sums(self, params, batch) -> dict[str, jax.Array]:
     """The reconstruction loss summed over the masked patches of the real rows,
@@ -551,6 +464,6 @@ class MAETask:
     with parallel.activate(mesh, rules):
       batches = pipeline.eval_iterator(self.data_cfg, split=self.data_cfg.eval_split,
                                        batch_size=per_process,
-                                       example_fn=ImageLabelEvalExample(self.data_cfg))
+                                       example_fn=classification.ImageLabelEvalExample(self.data_cfg))
       out = sharded.run_batches(lambda b: self._eval_fn(params, b), batches, mesh)
     return {"loss": out["sum"] / max(out["count"], 1.0)}
