@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax.data import builders, shapes, sources, transforms
+from mmjax.data import builders, shapes, sources, transforms, webdataset
 from mmjax.data import tokenizer as tokenizer_lib
 
 GENERIC_TEMPLATES: tuple[str, ...] = (
@@ -43,7 +43,7 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
       name, (224, 77, "validation", {}))
   builder_kwargs = dict(builder_kwargs)
   return ml_collections.ConfigDict({
-      "name": name,  # shapes | digits | llava | any TFDS name prepared as array_record
+      "name": name,  # shapes | digits | llava | webdataset | any TFDS name as array_record
       "data_dir": None,  # None: $MMJAX_DATA_DIR or ~/.cache/mmjax/tfds
       "image_size": image_size,
       "context_length": context_length,
@@ -65,9 +65,13 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
       "read_threads": 0,  # threads per example (helps with slow storage, e.g. LLaVA images)
       "prefetch": 2,  # batches made ahead (by a thread, or per worker process)
       "builder_kwargs": builder_kwargs,  # sizes of the embedded datasets
-      "image_key": "image",  # generic TFDS: feature paths, "a/b" for nested ones
-      "text_key": "captions",
-      "label_key": "label",
+      # generic TFDS: feature paths, "a/b" for nested ones; webdataset: a sample's
+      # fields, ";" between alternatives
+      "image_key": "jpg;png;jpeg;webp" if name == "webdataset" else "image",
+      "text_key": "txt" if name == "webdataset" else "captions",
+      "label_key": None if name == "webdataset" else "label",
+      "urls": None,  # webdataset: the train shards, "DIR/{00000..00099}.tar" or gs://, s3://
+      "eval_urls": None,  # webdataset: the shards of the eval split
       "tokenizer": None,  # path to .model / tokenizer.json; None = the dataset's own
       "prompt_templates": None,  # list overriding the dataset's templates
       "json_path": None,  # llava: instruction JSON (train)
@@ -207,6 +211,14 @@ def tokenizer_file(data_cfg) -> str:
 
 def make_source(data_cfg, split: str):
   """The random-access example source of one split (see `sources`)."""
+  if data_cfg.name == "webdataset":
+    train = split == data_cfg.train_split
+    urls = data_cfg.urls if train else _opt(data_cfg, "eval_urls")
+    if not urls:
+      raise ValueError(f"webdataset split {split!r}: set data.{'urls' if train else 'eval_urls'}")
+    return webdataset.WebDatasetSource(urls, image_key=data_cfg.image_key,
+                                       text_key=data_cfg.text_key,
+                                       label_key=_opt(data_cfg, "label_key"))
   if data_cfg.name == "llava":
     path = data_cfg.json_path
     if split != data_cfg.train_split and _opt(data_cfg, "eval_json_path"):

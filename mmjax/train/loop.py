@@ -173,6 +173,9 @@ def train(config, workdir: str) -> dict[str, Any]:
             row["perf/examples_per_sec_per_device"] = ex_per_sec / jax.device_count()
             row["perf/mfu"] = ex_per_sec * flops_per_example / peak
             row["perf/step_time_sec"] = elapsed / steps_since
+          skipped = _skipped(data)
+          if skipped:  # samples this process could not use: no image, no caption, bad bytes
+            row["data/skipped"] = float(skipped)
           progress.set_postfix(loss=f"{row['train/loss']:.4f}",
                                ex_s=f"{row.get('perf/examples_per_sec', 0):.0f}")
         if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
@@ -225,6 +228,13 @@ def train_data(task, config):
   return _ShardedBatches({i: task.train_batches(config.batch_size // shards, config.seed,
                                                 shard_index=i, shard_count=shards)
                           for i in range(first, first + shards // n_proc)})
+
+
+def _skipped(data) -> int:
+  """Samples the data source of this process has skipped so far (worker processes
+  of grain count their own and are not included)."""
+  iterators = getattr(data, "iterators", {"": data}).values()
+  return sum(int(getattr(it, "num_bad_images", 0) or 0) for it in iterators)
 
 
 class _ShardedBatches:
