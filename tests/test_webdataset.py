@@ -155,3 +155,31 @@ def test_clip_trains_on_shards_written_from_the_scenes_and_counts_what_it_skips(
   assert [r["step"] for r in rows] == [12, 24] and np.isfinite(last["train/loss"])
   # 24 steps of 16 cover the 162 samples twice: each broken one is met at least once
   assert rows[-1]["data/skipped"] >= 2
+
+
+def test_the_command_line_writes_shards_from_pairs_and_from_a_dataset(tmp_path, capsys):
+  from mmjax.data import __main__ as cli
+  for i in range(3):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+  (tmp_path / "pairs.jsonl").write_text(
+      "".join(json.dumps({"image": f"im{i}.png", "caption": f"grey {i}"}) + "\n"
+              for i in range(3)))
+  cli.main(["webdataset", f"--src={tmp_path / 'pairs.jsonl'}", f"--out={tmp_path / 'a'}",
+            "--samples_per_shard=2"])
+  assert "wrote 2 shards" in capsys.readouterr().out
+  src = webdataset.WebDatasetSource(str(tmp_path / "a" / "{00000..00001}.tar"),
+                                    cache_dir=str(tmp_path / "c"))
+  assert [src[i]["captions"] for i in range(3)] == [["grey 0"], ["grey 1"], ["grey 2"]]
+  (tmp_path / "bad.csv").write_text("file,caption\nim0.png,x\n")
+  with pytest.raises(ValueError, match=r"bad.csv, row 1: needs an image path"):
+    cli.main(["webdataset", f"--src={tmp_path / 'bad.csv'}", f"--out={tmp_path / 'b'}"])
+  # a split of an embedded dataset, every caption kept in the sample's JSON
+  cli.main(["shapes", f"--data_dir={tmp_path / 'tfds'}", "num_train=12", "num_validation=4",
+            "num_test=4", "image_size=16"])
+  cli.main(["webdataset", "--src=shapes:test", f"--out={tmp_path / 's'}",
+            f"--data_dir={tmp_path / 'tfds'}", "num_train=12", "num_validation=4",
+            "num_test=4", "image_size=16"])
+  shapes = webdataset.WebDatasetSource(str(tmp_path / "s" / "00000.tar"), text_key="json:captions",
+                                       label_key="json:label", cache_dir=str(tmp_path / "c"))
+  assert len(shapes) == 4 and len(shapes[0]["captions"]) > 1 and shapes[0]["label"] >= 0
+  assert shapes[0]["image"].shape == (16, 16, 3)
