@@ -2,9 +2,16 @@
 
   python -m mmjax.train --config=experiments/clip_shapes.py --workdir=runs/clip_shapes
   --config=experiments/clip_shapes.py:runlocal=true   a 20-step smoke run
+  --config=experiments/clip_shapes.py:data=webdataset:DIR   the same scenes read from
+      webdataset shards in DIR/train and DIR/test, as written by
+      `python -m mmjax.data webdataset --src=shapes:train --out=DIR/train single_fraction=1.0`
+      (and `--src=shapes:test --out=DIR/test`)
 """
 
+import os
+
 from experiments import common
+from mmjax.data import shapes
 from mmjax.data.pipeline import default_data_config
 
 
@@ -17,7 +24,8 @@ def get_config(arg=None):
   # single: the share of single-object scenes. All of them (1.0) teaches the
   # colour-shape pairs 3x sooner than half (0.5: 0.442 at step 500, 0.919 at
   # 1500); LLaVA's tower is trained on a mix (launch/llava_shapes.sh).
-  a = common.parse_arg(arg, runlocal=False, steps=700, text="nano", single=1.0, lr=2e-3, **TOWER)
+  a = common.parse_arg(arg, runlocal=False, steps=700, text="nano", single=1.0, lr=2e-3,
+                       data="", **TOWER)
   c = common.base_config("clip")
   c.init = common.clip_init()
   c.total_steps = a.steps
@@ -41,6 +49,8 @@ def get_config(arg=None):
   c.data.image_size = a.image_size
   c.data.builder_kwargs.single_fraction = a.single
   c.data.eval_split = "test"  # held-out compositions are scored here
+  if a.data:
+    c.data = webdataset_data(a.data, c.data)
   c.eval.batch_size = 256
   if a.runlocal:
     c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 5, 20, 10
@@ -50,3 +60,22 @@ def get_config(arg=None):
     c.data.builder_kwargs.num_validation = 128
     c.data.builder_kwargs.num_test = 128
   return c
+
+
+def webdataset_data(spec: str, scenes):
+  """The data config that reads `scenes` (a shapes data config) from the shards
+  in DIR/train and DIR/test of `spec` = "webdataset:DIR": every caption (json),
+  the label, the scenes' tokenizer, class names, prompts and held-out pairs."""
+  kind, _, root = spec.partition(":")
+  if kind != "webdataset" or not root:
+    raise ValueError(f"clip_shapes.py: data={spec!r}; expected data=webdataset:DIR")
+  d = default_data_config("webdataset")
+  d.update(urls=os.path.join(root, "train"), eval_urls=os.path.join(root, "test"),
+           text_key="json:captions", label_key="json:label", eval_split="test",
+           tokenizer=os.path.join(root, "train", "tokenizer.model"),
+           image_size=scenes.image_size, context_length=scenes.context_length,
+           class_names=shapes.class_names(), prompt_templates=list(shapes.PROMPT_TEMPLATES),
+           held_out_labels=shapes.held_out_labels(
+               scenes.builder_kwargs.get("held_out_fraction", 0.15)))
+  d.transforms = scenes.transforms
+  return d

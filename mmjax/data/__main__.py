@@ -8,7 +8,8 @@ The second form writes img2dataset-layout tar shards (NNNNNNNNN.png or the
 image's own extension, .txt, .json) from a dataset mmjax reads (a split of the
 embedded datasets or of a prepared TFDS dataset), or from a CSV / JSONL of
 image path and caption (columns or keys `path`/`image` and `caption`/`text`,
-paths relative to the file). Train on them with
+paths relative to the file); a split of an embedded dataset also gets its
+tokenizer (tokenizer.model) beside the shards. Train on them with
 `--config.data.name=webdataset --config.data.urls='DIR/{00000..000NN}.tar'`.
 """
 
@@ -17,6 +18,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 
 from mmjax.data import builders
 
@@ -86,6 +88,9 @@ def _webdataset(argv):
       cfg.image_size = kwargs.get("image_size", cfg.image_size)
       cfg.builder_kwargs.update(kwargs)
     samples = webdataset.source_samples(pipeline.make_source(cfg, split or cfg.train_split))
+    if name in builders.EMBEDDED:  # its tokenizer travels with the shards
+      os.makedirs(args.out, exist_ok=True)
+      shutil.copy(pipeline.tokenizer_file(cfg), os.path.join(args.out, builders.TOKENIZER_FILE))
   paths = webdataset.write_shards(samples, args.out, samples_per_shard=args.samples_per_shard)
   last = len(paths) - 1
   print(f"wrote {len(paths)} shards: {os.path.join(args.out, f'{{00000..{last:05d}}}.tar')}")

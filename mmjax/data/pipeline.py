@@ -72,6 +72,8 @@ def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
       "label_key": None if name == "webdataset" else "label",
       "urls": None,  # webdataset: the train shards, "DIR/{00000..00099}.tar" or gs://, s3://
       "eval_urls": None,  # webdataset: the shards of the eval split
+      "class_names": None,  # zero-shot classes by label, for a dataset that names none
+      "held_out_labels": None,  # labels never seen in training, scored apart
       "tokenizer": None,  # path to .model / tokenizer.json; None = the dataset's own
       "prompt_templates": None,  # list overriding the dataset's templates
       "json_path": None,  # llava: instruction JSON (train)
@@ -159,7 +161,9 @@ def eval_iterator(data_cfg, *, tokenizer=None, split: str | None = None, batch_s
 
 
 def class_names(data_cfg) -> list[str]:
-  """Zero-shot class names, indexed by `label`."""
+  """Zero-shot class names, indexed by `label` (`data.class_names` where set)."""
+  if _opt(data_cfg, "class_names"):
+    return list(data_cfg.class_names)
   if data_cfg.name == "shapes":
     return shapes.class_names()
   if data_cfg.name == "digits":
@@ -187,7 +191,10 @@ def prompt_templates(data_cfg) -> list[str]:
 
 
 def held_out_labels(data_cfg) -> list[int]:
-  """Labels whose compositions never occur in train (shapes); [] elsewhere."""
+  """Labels whose compositions never occur in train (shapes, or
+  `data.held_out_labels`); [] elsewhere."""
+  if _opt(data_cfg, "held_out_labels") is not None:
+    return [int(x) for x in data_cfg.held_out_labels]
   if data_cfg.name != "shapes":
     return []
   kwargs = _builder_kwargs(data_cfg)

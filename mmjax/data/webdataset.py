@@ -42,10 +42,12 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 
 def expand_urls(pattern: str | Sequence[str]) -> list[str]:
   """Shard URLs of a pattern: `{00000..00099}` (zero padding kept), `{a,b}`,
-  several groups, and `::` or whitespace between several patterns. A list of
-  patterns expands each in turn."""
+  several groups, and `::` or whitespace between several patterns; a local
+  folder stands for its .tar files. A list of patterns expands each in turn."""
   if not isinstance(pattern, str):
     return [u for p in pattern for u in expand_urls(p)]
+  if "://" not in pattern and "{" not in pattern and os.path.isdir(pattern):
+    return sorted(os.path.join(pattern, n) for n in os.listdir(pattern) if n.endswith(".tar"))
   parts = [p for p in re.split(r"::|\s+", pattern.strip()) if p]
   if len(parts) > 1:
     return expand_urls(parts)
@@ -203,9 +205,10 @@ class WebDatasetSource:
     key = self._keys[int(index)]
     example = {"id": key, "image": None, "captions": [""], "label": -1, "num_objects": 0,
                "bad": False}
+    memo: dict = {}  # the sample's JSON, read once if a key needs it
     problem = None
     image_field = self._field(fields, self.image_keys)
-    captions = self._captions(shard, fields)
+    captions = self._captions(shard, fields, memo)
     if image_field is None:
       problem = f"no {'/'.join(self.image_keys)} field"
     elif not captions:
@@ -217,7 +220,9 @@ class WebDatasetSource:
         problem = f"{image_field} does not decode ({type(e).__name__}: {e})"
       example["captions"] = captions
       if self.label_key:
-        example["label"] = self._label(shard, fields)
+        example["label"] = self._label(shard, fields, memo)
+      if "json" in fields:
+        example["num_objects"] = int(self._json(shard, fields, memo).get("num_objects", 0))
     if problem:
       example["bad"], example["image"] = True, None
       with self._lock:
@@ -227,14 +232,14 @@ class WebDatasetSource:
                   self.urls[shard], problem, count)
     return example
 
-  def _captions(self, shard: int, fields: dict) -> list[str]:
+  def _captions(self, shard: int, fields: dict, memo: dict) -> list[str]:
     """The first text field present: a plain-text field, or `json:NAME` (a string
     or a list of strings in the sample's JSON). Empty captions do not count."""
     for name in self.text_keys:
       if name.startswith("json:"):
         if "json" not in fields:
           continue
-        value = json.loads(self._read(shard, fields["json"])).get(name[5:])
+        value = self._json(shard, fields, memo).get(name[5:])
         texts = [value] if isinstance(value, str) else list(value or [])
       elif name in fields:
         texts = [self._read(shard, fields[name]).decode("utf-8", "replace")]
@@ -245,12 +250,16 @@ class WebDatasetSource:
         return texts
     return []
 
-  def _label(self, shard: int, fields: dict) -> int:
+  def _json(self, shard: int, fields: dict, memo: dict) -> dict:
+    if "json" not in memo:
+      memo["json"] = json.loads(self._read(shard, fields["json"]))
+    return memo["json"]
+
+  def _label(self, shard: int, fields: dict, memo: dict) -> int:
     if self.label_key.startswith("json:"):
       if "json" not in fields:
         return -1
-      meta = json.loads(self._read(shard, fields["json"]))
-      return int(meta.get(self.label_key[5:], -1))
+      return int(self._json(shard, fields, memo).get(self.label_key[5:], -1))
     if self.label_key not in fields:
       return -1
     return int(self._read(shard, fields[self.label_key]).decode().strip())
@@ -310,6 +319,7 @@ def source_samples(source, *, progress: bool = True):
     ex = source[i]
     if ex["bad"] or ex["image"] is None:
       continue
-    meta = {"captions": list(ex["captions"]), "label": int(ex["label"]), "id": str(ex.get("id", i))}
+    meta = {"captions": list(ex["captions"]), "label": int(ex["label"]),
+            "num_objects": int(ex.get("num_objects", 0)), "id": str(ex.get("id", i))}
     yield f"{i:09d}", {"png": encode_png(ex["image"]), "txt": ex["captions"][0].encode(),
                        "json": json.dumps(meta).encode()}
