@@ -183,3 +183,38 @@ def test_the_command_line_writes_shards_from_pairs_and_from_a_dataset(tmp_path, 
                                        label_key="json:label", cache_dir=str(tmp_path / "c"))
   assert len(shapes) == 4 and len(shapes[0]["captions"]) > 1 and shapes[0]["label"] >= 0
   assert shapes[0]["image"].shape == (16, 16, 3)
+
+
+def test_shards_of_the_scenes_give_the_batches_of_the_tfds_source(tmp_path):
+  """Written as shards (lossless PNG, every caption in the JSON) and read back,
+  the scenes give the train batches that TFDS gives, image for image and token
+  for token: a run from shards is the run from TFDS."""
+  from experiments import clip_shapes
+  from mmjax.data import __main__ as cli
+  settings = ["num_train=40", "num_validation=4", "num_test=8", "image_size=16"]
+  tfds_dir = str(tmp_path / "tfds")
+  cli.main(["shapes", f"--data_dir={tfds_dir}", *settings])
+  for split in ("train", "test"):
+    cli.main(["webdataset", f"--src=shapes:{split}", f"--out={tmp_path / 'wds' / split}",
+              f"--data_dir={tfds_dir}", *settings])
+  scenes = pipeline.default_data_config("shapes")
+  scenes.data_dir, scenes.image_size = tfds_dir, 16
+  scenes.builder_kwargs.update(num_train=40, num_validation=4, num_test=8)
+  shards = clip_shapes.webdataset_data(f"webdataset:{tmp_path / 'wds'}", scenes)
+  os.environ["MMJAX_WDS_CACHE"] = str(tmp_path / "cache")
+  try:
+    tok = pipeline.dataset_tokenizer(scenes)
+    a = pipeline.train_iterator(scenes, tokenizer=tok, batch_size=8, seed=3)
+    b = pipeline.train_iterator(shards, tokenizer=pipeline.dataset_tokenizer(shards),
+                                batch_size=8, seed=3)
+    for _ in range(6):  # past one epoch of 40
+      x, y = next(a), next(b)
+      for key in ("image", "text", "label"):
+        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    assert pipeline.class_names(shards) == pipeline.class_names(scenes)
+    assert pipeline.held_out_labels(shards) == pipeline.held_out_labels(scenes)
+    test = pipeline.make_source(shards, "test")
+    assert [test[i]["num_objects"] for i in range(8)] == [
+        pipeline.make_source(scenes, "test")[i]["num_objects"] for i in range(8)]
+  finally:
+    del os.environ["MMJAX_WDS_CACHE"]
