@@ -33,6 +33,7 @@ import threading
 from typing import Any, Sequence
 
 from mmjax.data import transforms
+from mmjax.data.builders import encode_png
 
 log = logging.getLogger(__name__)
 
@@ -299,13 +300,6 @@ def write_shards(samples, out_dir: str, *, samples_per_shard: int = 10000,
     if tar is not None:
       tar.close()
   return paths
-
-
-def encode_png(image) -> bytes:
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-  return buf.getvalue()
 
 
 def source_samples(source, *, progress: bool = True):

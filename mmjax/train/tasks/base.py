@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
-import os
 from typing import Any, Callable, Iterator, Protocol
 
 import jax
@@ -92,13 +90,3 @@ def with_shardings(params, shardings):
   """Abstract arrays of `params` placed by `shardings`: a restore target."""
   return jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
                       params, shardings)
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json that `mmjax.train` wrote into another run's workdir."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir "
-                            f"(train that run first)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))

@@ -28,8 +28,8 @@ from mmjax.models import convnet as convnet_lib
 from mmjax.models import mae as mae_lib
 from mmjax.models import vit as vit_lib
 from mmjax.models import vit_heads
-from mmjax.train.tasks.base import (build_task, dataclass_from, load_run_config, register,
-                                     with_shardings)
+from mmjax.convert.workdir import load_config as load_run_config
+from mmjax.train.tasks.base import build_task, dataclass_from, register, with_shardings
 
 
 # ---------------------------------------------------------------------------
